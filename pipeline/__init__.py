@@ -1,0 +1,1 @@
+"""Dropout-stability pipeline: ingest -> windows -> models -> train -> stability -> tune -> final."""

@@ -1,0 +1,205 @@
+"""Command line: `python -m pipeline {ingest,tune,train,types}`. It only parses and calls the stages.
+
+Options are generated from the stage dataclasses, so their defaults cannot drift from the code's; the
+MLproject passes the same names (a test checks both). A user error prints one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import warnings
+from collections.abc import Iterable
+from typing import Any, NoReturn
+
+from pipeline.config import SECTIONS, RunConfig, coerce
+from pipeline.errors import InputError, NoResultError
+from pipeline.ingest import IngestConfig, load_prices
+from pipeline.models import FAMILIES, applicable_types, check_model_config
+from pipeline.tune import TuneConfig, default_study_name, run_label
+from pipeline.windows import make_windows
+
+HELP = {
+    "ticker": "ticker: ^GSPC and MSFT are shipped in data/; others are downloaded with yfinance and cached",
+    "csv": "read prices from this CSV file instead of a ticker",
+    "window": "days of history per sample",
+    "train_frac": "fraction of rows in the train part (chronological)",
+    "val_frac": "fraction of rows in the validation part; the test part is the rest",
+    "model": f"model family: {', '.join(FAMILIES)}",
+    "hidden_size": "hidden units (recurrent) or channels (cnn)",
+    "num_layers": "stacked recurrent layers, or conv blocks for cnn",
+    "kernel_size": "cnn kernel size",
+    "dropout_type": "dropout type (see `python -m pipeline types`)",
+    "dropout_rate": "dropout rate p in [0, 1)",
+    "max_epochs": "maximum epochs per seed",
+    "batch_size": "mini-batch size",
+    "lr": "Adam learning rate",
+    "patience": "early stopping: epochs without validation improvement",
+    "seeds": "seeds per config",
+    "seed": "first seed",
+    "threads": "torch threads per process",
+    "penalty": "λ in objective = mean + λ·std of validation losses",
+    "last_k": "epochs per seed entering the objective",
+    "n_trials": "Optuna trials to run",
+    "study_name": "Optuna study name; an existing name resumes that study",
+    "storage": "Optuna storage URL (default: sqlite:///optuna.db here)",
+    "max_rate": "upper bound of the sampled dropout rate",
+    "config": "a saved config: YAML path or runs:/<run_id>/best_config.yaml",
+}
+TUNE_OPTIONS = [*SECTIONS.values(), TuneConfig]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (and exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def option_fields(kinds: Iterable[type], skip: Iterable[str] = ()) -> list[dataclasses.Field]:
+    return [f for kind in kinds for f in dataclasses.fields(kind) if f.name not in set(skip)]
+
+
+def add_options(parser: argparse.ArgumentParser, fields: list[dataclasses.Field]) -> None:
+    """One `--name` per dataclass field. Unset (or empty) means the dataclass default."""
+    for f in fields:
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            metavar=type(f.default).__name__.upper(),
+            help=f"{HELP[f.name]} (default: {f.default!r})",
+        )
+
+
+def given(args: argparse.Namespace, fields: list[dataclasses.Field]) -> dict[str, Any]:
+    """The options the user set, converted to their fields' types."""
+    values = {}
+    for f in fields:
+        raw = getattr(args, f.name)
+        if raw is not None and raw != "":
+            values[f.name] = coerce(raw, f.default, f.name, source=f"--{f.name.replace('_', '-')}")
+    return values
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    ingest = commands.add_parser("ingest", help="read, validate and clean a price series; print a summary")
+    add_options(ingest, option_fields([IngestConfig]))
+    ingest.set_defaults(handler=cmd_ingest)
+
+    tune = commands.add_parser("tune", help="Optuna study over dropout type and rate (the main job)")
+    add_options(tune, option_fields(TUNE_OPTIONS, skip=("dropout_type", "dropout_rate")))
+    tune.set_defaults(handler=cmd_tune)
+
+    train = commands.add_parser("train", help="train one config with all its seeds and log the model")
+    train.add_argument("--config", default="", help=HELP["config"])
+    add_options(train, option_fields(SECTIONS.values()))
+    train.set_defaults(handler=cmd_train)
+
+    types = commands.add_parser("types", help="list each model family's dropout types")
+    types.set_defaults(handler=cmd_types)
+    return parser
+
+
+def prepare(cfg: RunConfig):
+    """Validate the config and build the windows: every input error surfaces before MLflow starts."""
+    check_model_config(cfg.model)
+    return make_windows(load_prices(cfg.ingest), cfg.window)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    cfg = IngestConfig(**given(args, option_fields([IngestConfig])))
+    prices = load_prices(cfg)
+    source = cfg.csv or cfg.ticker
+    print(
+        f"{source}: {len(prices)} rows, {prices.index[0].date()} .. {prices.index[-1].date()}, "
+        f"columns {', '.join(prices.columns)}"
+    )
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from pipeline.tracking import configure_tracking, tracked_run
+    from pipeline.tune import open_study, tune
+
+    fields = option_fields(TUNE_OPTIONS, skip=("dropout_type", "dropout_rate"))
+    options = given(args, fields)
+    tune_names = {f.name for f in dataclasses.fields(TuneConfig)}
+    tune_cfg = TuneConfig(**{k: v for k, v in options.items() if k in tune_names})
+    cfg = RunConfig().with_options({k: v for k, v in options.items() if k not in tune_names})
+    if tune_cfg.n_trials < 1:
+        raise InputError(f"n_trials must be at least 1, got {tune_cfg.n_trials}")
+    data = prepare(cfg)
+    tune_cfg = dataclasses.replace(tune_cfg, study_name=tune_cfg.study_name or default_study_name(cfg))
+    study = open_study(tune_cfg, cfg)
+    uri = configure_tracking()
+    with tracked_run(tune_cfg.study_name) as parent:
+        result = tune(tune_cfg, cfg, data, study)
+    best, final = result.best_cfg.model, result.final
+    summary = final.summary
+    print(
+        f"\nbest: {run_label(best)} (trial {result.study.best_trial.number} of study {tune_cfg.study_name!r})\n"
+        f"  objective {summary['objective']:.4f} = val mean {summary['val_loss_mean']:.4f} "
+        f"+ {cfg.objective.penalty:g} · val std {summary['val_loss_std']:.4f} (retrained)\n"
+        f"  test MSE {final.test_loss:.4f} vs naive zero-return {final.naive_test_loss:.4f} "
+        f"(skill {final.test_skill:+.2%}){'' if final.test_skill > 0 else ': does NOT beat the naive forecast'}\n"
+        f"  parent run {parent.info.run_id}; model {result.model_uri}\n"
+        f"  compare trials: mlflow ui --backend-store-uri {uri}\n"
+        f"  reuse: mlflow run . -e train -P config=runs:/{parent.info.run_id}/best_config.yaml --env-manager local"
+    )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.final import fit_and_log
+    from pipeline.tracking import configure_tracking, log_params_once, read_config, tracked_run
+
+    fields = option_fields(SECTIONS.values())
+    uri = configure_tracking()
+    base = read_config(args.config) if args.config else RunConfig()
+    cfg = base.with_options(given(args, fields))
+    data = prepare(cfg)
+    with tracked_run(run_label(cfg.model), tags={"config_source": args.config or "options"}) as run:
+        log_params_once(cfg.flat())
+        result, model_uri = fit_and_log(cfg, data, "config.yaml", on_epoch=log_epoch)
+    print(
+        f"{run_label(cfg.model)}: objective {result.summary['objective']:.4f}, "
+        f"test MSE {result.test_loss:.4f} vs naive {result.naive_test_loss:.4f} "
+        f"(skill {result.test_skill:+.2%})\n  run {run.info.run_id}; model {model_uri}\n"
+        f"  open: mlflow ui --backend-store-uri {uri}"
+    )
+    return 0
+
+
+def log_epoch(epoch: int, stats: list) -> None:
+    import mlflow
+
+    from pipeline.train import epoch_metrics
+
+    mlflow.log_metrics(epoch_metrics(stats), step=epoch)
+
+
+def cmd_types(args: argparse.Namespace) -> int:
+    for family in FAMILIES:
+        one, two = applicable_types(family, 1), applicable_types(family, 2)
+        extra = [f"{t} (num_layers >= 2)" for t in two if t not in one]
+        print(f"{family}: {', '.join([*one, *extra])}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        return args.handler(args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except NoResultError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

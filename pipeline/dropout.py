@@ -1,0 +1,158 @@
+"""Dropout variants for sequence models, each small enough to read in a minute.
+
+Every module here is the identity in eval mode and at rate 0, and scales kept values by 1/(1-p) in
+training so that expectations match eval mode. Probabilities are named `p`.
+
+Where each type is applied in each model family is documented in `pipeline.models`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+
+def dropout_mask(like: torch.Tensor, shape: tuple[int, ...], p: float) -> torch.Tensor:
+    """A Bernoulli(1-p) mask of `shape`, scaled by 1/(1-p), with `like`'s dtype and device.
+
+    One helper serves every masked variant, so they share the same scaling convention.
+    """
+    return like.new_empty(shape).bernoulli_(1 - p).div_(1 - p)
+
+
+class LockedDropout(nn.Module):
+    """Variational dropout (Gal & Ghahramani 2016, "A Theoretically Grounded Application of Dropout in
+    Recurrent Neural Networks"): one mask per sequence, shared by every time step.
+
+    In: (B, T, F) -> out (B, T, F), element (b, t, f) kept iff mask[b, f]. A (B, F) input gets one mask
+    per sample, which for a single step is the same thing.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        shape = (x.size(0), 1, x.size(2)) if x.dim() == 3 else tuple(x.shape)
+        return x * dropout_mask(x, shape, self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class SpatialDropout(nn.Module):
+    """Channel dropout of input features (Tompson et al. 2015, "Efficient Object Localization Using
+    Convolutional Networks"), through PyTorch's `nn.Dropout1d`.
+
+    `nn.Dropout1d` treats dim 1 as channels, so on a (B, T, F) tensor it would drop whole *time steps*.
+    We lay the sequence out as (B, F, T) so that a whole feature is dropped for the whole window.
+    In: (B, T, F) -> out (B, T, F). A 2-D input is refused: `nn.Dropout1d` would silently treat it as
+    one unbatched sample.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.drop = nn.Dropout1d(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3:
+            raise ValueError(f"spatial dropout expects a (batch, time, features) tensor, got shape {tuple(x.shape)}")
+        return self.drop(x.transpose(1, 2)).transpose(1, 2)  # (B, F, T) while masking
+
+
+class WeightDrop(nn.Module):
+    """DropConnect on the hidden-to-hidden weights of an `nn.RNN`/`nn.LSTM` (Wan et al. 2013; Merity et
+    al. 2018, "Regularizing and Optimizing LSTM Language Models", AWD-LSTM).
+
+    A new mask on W_hh is drawn at each forward in training; the same mask serves every time step and
+    every sample of the batch. The raw weight stays the wrapped module's own parameter, so
+    `state_dict()`, strict loading, `.to(device)` and `eval()` behave as for the plain module, and the
+    dropped weight is passed through `torch.func.functional_call`, which keeps PyTorch's fused kernel
+    (no per-step warning, no parameter deletion hack). Gradients reach the raw weight through the mask.
+    """
+
+    def __init__(self, module: nn.RNNBase, p: float) -> None:
+        super().__init__()
+        self.module = module
+        self.p = p
+        self.names = [f"weight_hh_l{k}" for k in range(module.num_layers)]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, object]:
+        if not self.training or self.p == 0:
+            return self.module(x)
+        dropped = {name: F.dropout(getattr(self.module, name), self.p, True) for name in self.names}
+        return functional_call(self.module, dropped, (x,))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, weights={self.names}"
+
+
+class LoopRecurrent(nn.Module):
+    """A one-layer Elman RNN or LSTM run step by step, for dropout that acts inside the recurrence.
+
+    It owns an `nn.RNN`/`nn.LSTM` (same parameter names, so the state dict matches the fused model)
+    and computes the input projection for all steps in one matmul; only h(t-1) @ W_hh runs per step.
+
+    - `recurrent`: Gal & Ghahramani (2016)'s recurrent mask, what Keras calls `recurrent_dropout`: the
+      hidden state h(t-1) fed back at each step is multiplied by a mask drawn once per sequence
+      (per sample and hidden unit), shared by every step.
+    - `zoneout` (Krueger et al. 2017, "Zoneout: Regularizing RNNs by Randomly Preserving Hidden
+      Activations"): each hidden (and LSTM cell) unit keeps its previous value with probability p, a
+      fresh draw per step; in eval the update is the expectation p * old + (1 - p) * new.
+
+    In: (B, T, F) -> (outputs (B, T, H), None).
+    """
+
+    def __init__(self, module: nn.RNNBase, kind: str, p: float) -> None:
+        super().__init__()
+        if kind not in ("recurrent", "zoneout"):
+            raise ValueError(f"unknown recurrent dropout kind {kind!r}")
+        if module.num_layers != 1 or not module.batch_first:
+            raise ValueError("LoopRecurrent wraps a one-layer batch_first module")
+        self.module = module
+        self.kind = kind
+        self.p = p
+        self.lstm = isinstance(module, nn.LSTM)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        m = self.module
+        batch, steps, _ = x.shape
+        hidden = m.hidden_size
+        # (B, T, G): the input projection and both biases for every step at once (G = H or 4H).
+        projected = F.linear(x, m.weight_ih_l0, m.bias_ih_l0 + m.bias_hh_l0)
+        h = x.new_zeros(batch, hidden)
+        c = x.new_zeros(batch, hidden)
+        recurrent_mask = None
+        if self.kind == "recurrent" and self.training and self.p > 0:
+            recurrent_mask = dropout_mask(x, (batch, hidden), self.p)  # (B, H), one per sequence
+        outputs = []
+        for t in range(steps):
+            fed_back = h if recurrent_mask is None else h * recurrent_mask
+            gates = projected[:, t] + fed_back @ m.weight_hh_l0.T  # (B, G)
+            if self.lstm:
+                i, f, g, o = gates.chunk(4, dim=1)
+                c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h_new = torch.sigmoid(o) * torch.tanh(c_new)
+                if self.kind == "zoneout":
+                    c_new = self._zoneout(c, c_new)
+                c = c_new
+            else:
+                h_new = torch.tanh(gates)
+            h = self._zoneout(h, h_new) if self.kind == "zoneout" else h_new
+            outputs.append(h)
+        return torch.stack(outputs, dim=1), None  # (B, T, H)
+
+    def _zoneout(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        if self.p == 0:
+            return new
+        if not self.training:
+            return self.p * old + (1 - self.p) * new
+        zoned = torch.rand_like(new) < self.p  # True where the unit keeps its previous value
+        return torch.where(zoned, old, new)  # an exact copy of `old` there, not old + (new - old) * 0
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, p={self.p}"
