@@ -146,15 +146,20 @@ def _parse_dates(index: pd.Index, source: str) -> pd.DatetimeIndex:
     if isinstance(index, pd.DatetimeIndex):
         dates = index
     else:
+        # "2024-03-11 00:00:00-04:00" -> "2024-03-11 00:00:00": keep the exchange-local calendar day, also
+        # when the offset changes with daylight saving (mixed offsets would fail to parse as one index).
+        strings = index.astype(str).str.replace(
+            r"(\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)(?:[+-]\d{2}:?\d{2}|Z)$", r"\1", regex=True
+        )
         dates = None
         for fmt in ("ISO8601", "%m/%d/%Y"):
             try:
-                dates = pd.to_datetime(index.astype(str), format=fmt)
+                dates = pd.to_datetime(strings, format=fmt)
                 break
             except (ValueError, TypeError):
                 continue
         if dates is None:
-            bad = next(v for v in index.astype(str) if pd.to_datetime(v, errors="coerce") is pd.NaT)
+            bad = next((v for v in strings if pd.to_datetime(v, errors="coerce") is pd.NaT), strings[0])
             raise InputError(f"{source}: cannot read {bad!r} as a date (expected YYYY-MM-DD or MM/DD/YYYY)")
     if dates.tz is not None:
         # Exchange-local timestamps (e.g. 2024-01-02 00:00-05:00): keep the local calendar day.

@@ -1,0 +1,82 @@
+"""Bad input: one clear line, exit code 2, no traceback, no MLflow run left RUNNING."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BAD_INPUT = [
+    (["tune", "--model", "xyz"], "unknown model 'xyz': choose one of rnn, lstm, cnn"),
+    (["train", "--dropout-type", "foo"], "unknown dropout type 'foo'"),
+    (["train", "--dropout-rate", "1.5", "--dropout-type", "standard"], "dropout rate must be in [0, 1), got 1.5"),
+    (["train", "--dropout-rate", "-0.1"], "dropout rate must be in [0, 1), got -0.1"),
+    (["tune", "--window", "5000"], "window 5000 is too long for the series: its train part has 3521 rows"),
+    (["tune", "--window", "abc"], "--window: window must be int, got 'abc'"),
+    (["tune", "--csv", "/no/such/prices.csv"], "CSV file not found: /no/such/prices.csv"),
+    (["train", "--model", "cnn", "--dropout-type", "weight_drop"], "does not apply to the cnn family"),
+    (["train", "--dropout-type", "builtin", "--dropout-rate", "0.3"], "needs num_layers >= 2"),
+    (["train", "--config", "/no/such/config.yaml"], "config file not found: /no/such/config.yaml"),
+    (["tune", "--n-trials", "0"], "n_trials must be at least 1, got 0"),
+    (["ingest", "--ticker", "../../etc/passwd"], "invalid ticker '../../etc/passwd'"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: ")
+    assert message in err[0]
+    # Input errors surface before any run or study is created.
+    assert not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "optuna.db").exists()
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_unknown_ticker_offline_is_one_line_exit_2(tmp_path):
+    # No network here (and an unknown ticker is an empty answer anyway): no cache, so a clear refusal.
+    result = run_cli(["ingest", "--ticker", "NO-SUCH-TICKER-XYZ"], tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2
+    assert len(lines) == 1 and lines[0].startswith("error: no data for ticker 'NO-SUCH-TICKER-XYZ'"), lines
+    assert "Traceback" not in result.stderr
+    assert not any(ROOT.joinpath("data", "cache").glob("NO-SUCH-TICKER-XYZ*"))
+
+
+def test_argparse_errors_are_one_line_exit_2(tmp_path):
+    result = run_cli(["tune", "--no-such-option", "1"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: unrecognized arguments: --no-such-option 1 (see python -m pipeline --help)"
+    ]
+
+
+def test_types_lists_each_familys_search_space(capsys):
+    assert main(["types"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "rnn: none, standard, spatial, variational, weight_drop, recurrent, zoneout, builtin (num_layers >= 2)",
+        "lstm: none, standard, spatial, variational, weight_drop, recurrent, zoneout, builtin (num_layers >= 2)",
+        "cnn: none, standard, spatial, variational",
+    ]
+
+
+def test_ingest_prints_a_summary_line(capsys):
+    assert main(["ingest", "--ticker", "MSFT"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        "MSFT: 7983 rows, 1986-03-13 .. 2017-11-10, columns Open, High, Low, Close, Volume"
+    )

@@ -1,0 +1,131 @@
+"""The real MLflow project, end to end, on the shipped S&P 500 data with a tiny budget.
+
+`mlflow run <repo> --env-manager local` runs the MLproject's command in a subprocess, exactly as a user
+would; the store is a fresh SQLite database in a temporary folder.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.e2e
+
+
+def mlflow_run(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
+    # The venv's bin first, so the project's `python` is this interpreter (as after `. .venv/bin/activate`).
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    mlflow_cli = shutil.which("mlflow", path=env["PATH"])
+    return subprocess.run(
+        [mlflow_cli, "run", str(ROOT), "--env-manager", "local", *args],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def runs(client: MlflowClient) -> list:
+    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    result = mlflow_run(
+        tmp,
+        "-P",
+        "model=rnn",
+        "-P",
+        "n_trials=2",
+        "-P",
+        "seeds=1",
+        "-P",
+        "max_epochs=2",
+        "-P",
+        f"storage=sqlite:///{tmp / 'optuna.db'}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    return tmp, result, client
+
+
+def test_main_job_logs_one_parent_with_nested_trials(main_job):
+    _, result, client = main_job
+    all_runs = runs(client)
+    parents = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1, "the project's run is the parent: no duplicate top-level run"
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["model"] == "rnn" and parent.data.params["n_trials"] == "2"
+    children = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2
+    for child in children:
+        assert child.data.params["dropout_type"] in (
+            "none",
+            "standard",
+            "spatial",
+            "variational",
+            "weight_drop",
+            "recurrent",
+            "zoneout",
+        )
+        assert child.data.tags["trial_state"] in ("COMPLETE", "PRUNED")
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_loss")]
+        assert steps == [1, 2]
+    assert f"parent run {parent.info.run_id}" in result.stderr + result.stdout
+
+
+def test_main_job_logs_the_model_and_best_config(main_job):
+    _, _, client = main_job
+    parent = next(r for r in runs(client) if "mlflow.parentRunId" not in r.data.tags)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "best_config.yaml" in artifacts
+    config_path = mlflow.artifacts.download_artifacts(
+        run_id=parent.info.run_id, artifact_path="best_config.yaml", tracking_uri=client._tracking_client.tracking_uri
+    )
+    saved = yaml.safe_load(Path(config_path).read_text())
+    assert saved["ingest"]["ticker"] == "^GSPC" and saved["window"]["window"] == 30
+    model_uri = saved["result"]["model_uri"]
+    mlflow.set_tracking_uri(client._tracking_client.tracking_uri)
+    model = mlflow.pytorch.load_model(model_uri)
+    import torch
+
+    assert model(torch.zeros(3, 30, 5)).shape == (3,)
+    assert parent.data.metrics["naive_test_loss"] > 0
+
+
+def test_train_entry_reuses_the_best_config(main_job):
+    tmp, _, client = main_job
+    parent = next(r for r in runs(client) if "mlflow.parentRunId" not in r.data.tags)
+    result = mlflow_run(
+        tmp, "-e", "train", "-P", f"config=runs:/{parent.info.run_id}/best_config.yaml", "-P", "max_epochs=1"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    new = [r for r in runs(client) if r.info.run_id != parent.info.run_id and "mlflow.parentRunId" not in r.data.tags]
+    assert len(new) == 1 and new[0].info.status == "FINISHED"
+    path = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="best_config.yaml")
+    best = yaml.safe_load(Path(path).read_text())
+    assert new[0].data.params["dropout_type"] == best["model"]["dropout_type"]
+    assert float(new[0].data.params["dropout_rate"]) == pytest.approx(best["model"]["dropout_rate"])
+    assert new[0].data.params["max_epochs"] == "1"
+    assert [m.step for m in client.get_metric_history(new[0].info.run_id, "val_loss")] == [1]
+    assert "config.yaml" in {a.path for a in client.list_artifacts(new[0].info.run_id)}
+
+
+def test_bad_input_under_mlflow_run_fails_cleanly(tmp_path):
+    result = mlflow_run(tmp_path, "-P", "model=xyz", "-P", f"storage=sqlite:///{tmp_path / 'optuna.db'}")
+    assert result.returncode != 0
+    assert "error: unknown model 'xyz': choose one of rnn, lstm, cnn" in result.stderr
+    assert "Traceback" not in result.stderr.split("error: unknown model")[0]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [r.info.status for r in runs(client)] == ["FAILED"]
