@@ -80,7 +80,7 @@ def main() -> None:
     lines = [
         f"### Trainer overhead vs a bare PyTorch loop ({time.strftime('%Y-%m-%d')})",
         "",
-        f"`python benchmarks/trainer_overhead.py --rounds {args.rounds}`; {platform.processor() or platform.machine()}, "
+        f"`python benchmarks/trainer_overhead.py --rounds {args.rounds}`; {platform.machine()}, "
         f"{torch.get_num_threads()} torch thread, torch {torch.__version__}, mlflow {mlflow.__version__}; "
         f"^GSPC, window 30, batch 64, hidden 32, {len(data.starts['train'])} train samples; medians of "
         f"{args.rounds} interleaved epochs.",
