@@ -156,7 +156,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.final import fit_and_log
-    from pipeline.tracking import configure_tracking, log_params_once, read_config, tracked_run
+    from pipeline.tracking import EpochLogger, configure_tracking, log_params_once, read_config, tracked_run
+    from pipeline.train import epoch_metrics
 
     fields = option_fields(SECTIONS.values())
     uri = configure_tracking()
@@ -165,7 +166,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = prepare(cfg)
     with tracked_run(run_label(cfg.model), tags={"config_source": args.config or "options"}) as run:
         log_params_once(cfg.flat())
-        result, model_uri = fit_and_log(cfg, data, "config.yaml", on_epoch=log_epoch)
+        curves = EpochLogger(run.info.run_id)
+        try:
+            result, model_uri = fit_and_log(
+                cfg, data, "config.yaml", on_epoch=lambda epoch, stats: curves.log(epoch_metrics(stats), epoch)
+            )
+        finally:
+            curves.flush()
     print(
         f"{run_label(cfg.model)}: objective {result.summary['objective']:.4f}, "
         f"test MSE {result.test_loss:.4f} vs naive {result.naive_test_loss:.4f} "
@@ -173,14 +180,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"  open: mlflow ui --backend-store-uri {uri}"
     )
     return 0
-
-
-def log_epoch(epoch: int, stats: list) -> None:
-    import mlflow
-
-    from pipeline.train import epoch_metrics
-
-    mlflow.log_metrics(epoch_metrics(stats), step=epoch)
 
 
 def cmd_types(args: argparse.Namespace) -> int:

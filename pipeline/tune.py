@@ -34,7 +34,7 @@ from pipeline.errors import InputError, NoResultError
 from pipeline.final import FinalResult, fit_and_log
 from pipeline.models import ModelConfig, applicable_types
 from pipeline.stability import summarize
-from pipeline.tracking import log_params_once
+from pipeline.tracking import EpochLogger, log_params_once
 from pipeline.train import DivergedError, EpochStats, epoch_metrics, train_seeds
 from pipeline.windows import Windows
 
@@ -138,14 +138,15 @@ def make_objective(cfg: RunConfig, tune_cfg: TuneConfig, data: Windows, parent_i
         label = run_label(model_cfg, trial.number)
         started = time.perf_counter()
         # parent_run_id explicitly: MLflow's active-run stack is per thread.
-        mlflow.start_run(run_name=label, nested=True, parent_run_id=parent_id)
+        child = mlflow.start_run(run_name=label, nested=True, parent_run_id=parent_id)
+        curves = EpochLogger(child.info.run_id)
         mlflow.log_params({**trial_cfg.flat(), "trial_number": trial.number})
         mlflow.set_tags({"optuna.study_name": trial.study.study_name, "optuna.trial_number": str(trial.number)})
         state, status, outcome = "FAIL", "FAILED", "failed"
 
         def on_epoch(epoch: int, stats: list[EpochStats]) -> None:
             metrics = epoch_metrics(stats)
-            mlflow.log_metrics(metrics, step=epoch)
+            curves.log(metrics, step=epoch)
             progress.epoch(label, epoch, cfg.train.max_epochs, metrics["val_loss"])
             trial.report(metrics["val_loss"], epoch)
             if trial.should_prune():
@@ -170,6 +171,7 @@ def make_objective(cfg: RunConfig, tune_cfg: TuneConfig, data: Windows, parent_i
             trial.set_user_attr("fail_reason", str(exc))
             raise
         finally:
+            curves.flush()
             mlflow.set_tag("trial_state", state)
             mlflow.end_run(status)
             progress.trial(trial.number, label, outcome, time.perf_counter() - started)
