@@ -65,8 +65,11 @@ def option_fields(kinds: Iterable[type], skip: Iterable[str] = ()) -> list[datac
 def add_options(parser: argparse.ArgumentParser, fields: list[dataclasses.Field]) -> None:
     """One `--name` per dataclass field. Unset (or empty) means the dataclass default."""
     for f in fields:
+        flags = [f"--{f.name.replace('_', '-')}"]
+        if "_" in f.name:
+            flags.append(f"--{f.name}")  # `mlflow run -P dropout_type=...` appends --dropout_type
         parser.add_argument(
-            f"--{f.name.replace('_', '-')}",
+            *flags,
             dest=f.name,
             metavar=type(f.default).__name__.upper(),
             help=f"{HELP[f.name]} (default: {f.default!r})",
