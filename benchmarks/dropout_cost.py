@@ -48,11 +48,12 @@ def measure(family: str, window: int, hidden: int, rounds: int, steps: int) -> d
     configs = {}
     for kind in applicable_types(family, num_layers=2):
         layers = 2 if kind == "builtin" else 1
-        configs[kind] = ModelConfig(family, hidden, layers, dropout_type=kind, dropout_rate=0 if kind == "none" else RATE)
+        rate = 0.0 if kind == "none" else RATE
+        configs[kind] = ModelConfig(family, hidden, layers, dropout_type=kind, dropout_rate=rate)
     configs["none (2 layers)"] = ModelConfig(family, hidden, 2)
     runners = {name: make_step(cfg, window) for name, cfg in configs.items()}
     times: dict[str, list[float]] = {name: [] for name in runners}
-    for name, run in runners.items():
+    for run in runners.values():
         run(2)  # warm-up
     for round_ in range(rounds):
         order = list(runners) if round_ % 2 == 0 else list(reversed(runners))
