@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 from pipeline.config import SECTIONS, RunConfig, coerce
 from pipeline.errors import InputError, NoResultError
 from pipeline.ingest import IngestConfig, load_prices
-from pipeline.models import FAMILIES, applicable_types, check_model_config
+from pipeline.models import FAMILIES, PRESETS, applicable_types, check_model_config, dropout_effective
 from pipeline.tune import TuneConfig, default_study_name, run_label
 from pipeline.windows import make_windows
 
@@ -33,6 +33,7 @@ HELP = {
     "kernel_size": "cnn kernel size",
     "dropout_type": "dropout type (see `python -m pipeline types`)",
     "dropout_rate": "dropout rate p in [0, 1)",
+    "as_written": "build dropout type builtin with one layer as written (PyTorch then applies no dropout)",
     "max_epochs": "maximum epochs per seed",
     "batch_size": "mini-batch size",
     "lr": "Adam learning rate",
@@ -47,6 +48,7 @@ HELP = {
     "storage": "Optuna storage URL (default: sqlite:///optuna.db here)",
     "max_rate": "upper bound of the sampled dropout rate",
     "config": "a saved config: YAML path or runs:/<run_id>/best_config.yaml",
+    "preset": f"a named example config: {', '.join(PRESETS)} (applied after --config, before other options)",
 }
 TUNE_OPTIONS = [*SECTIONS.values(), TuneConfig]
 
@@ -100,6 +102,7 @@ def build_parser() -> Parser:
 
     train = commands.add_parser("train", help="train one config with all its seeds and log the model")
     train.add_argument("--config", default="", help=HELP["config"])
+    train.add_argument("--preset", default="", choices=["", *PRESETS], metavar="NAME", help=HELP["preset"])
     add_options(train, option_fields(SECTIONS.values()))
     train.set_defaults(handler=cmd_train)
 
@@ -165,9 +168,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     fields = option_fields(SECTIONS.values())
     uri = configure_tracking()
     base = read_config(args.config) if args.config else RunConfig()
-    cfg = base.with_options(given(args, fields))
+    cfg = base.with_options({**PRESETS.get(args.preset, {}), **given(args, fields)})
     data = prepare(cfg)
-    with tracked_run(run_label(cfg.model), tags={"config_source": args.config or "options"}) as run:
+    tags = {
+        "config_source": args.config or "options",
+        "preset": args.preset or "none",
+        "dropout_effective": str(dropout_effective(cfg.model)).lower(),
+    }
+    if cfg.model.dropout_type != "none" and not dropout_effective(cfg.model):
+        print(
+            f"warning: {run_label(cfg.model)} applies no dropout (PyTorch's RNN dropout acts only between "
+            "stacked layers); its run is tagged dropout_effective=false",
+            file=sys.stderr,
+        )
+    with tracked_run(run_label(cfg.model), tags=tags) as run:
         log_params_once(cfg.flat())
         curves = EpochLogger(run.info.run_id)
         try:

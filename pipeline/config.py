@@ -84,6 +84,13 @@ def coerce(value: Any, default: Any, name: str, source: str = "option") -> Any:
     kind = type(default)
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
+    if kind is bool:
+        text = str(value).strip().lower()
+        if text in ("true", "1", "yes"):
+            return True
+        if text in ("false", "0", "no"):
+            return False
+        raise InputError(f"{source}: {name} must be true or false, got {value!r}")
     try:
         if kind is int:
             as_float = float(value)

@@ -122,37 +122,46 @@ class LoopRecurrent(nn.Module):
         m = self.module
         batch, steps, _ = x.shape
         hidden = m.hidden_size
-        # (B, T, G): the input projection and both biases for every step at once (G = H or 4H).
-        projected = F.linear(x, m.weight_ih_l0, m.bias_ih_l0 + m.bias_hh_l0)
+        # (T, B, G): the input projection and both biases for every step in one matmul (G = H or 4H),
+        # time-major so that each step reads a contiguous slice.
+        projected = F.linear(x, m.weight_ih_l0, m.bias_ih_l0 + m.bias_hh_l0).transpose(0, 1).contiguous()
+        w_hh_t = m.weight_hh_l0.t()  # (H, G)
+        drop = self.training and self.p > 0
+        # Random draws for all steps at once: one RNG call instead of one per step.
+        recurrent_mask = dropout_mask(x, (batch, hidden), self.p) if drop and self.kind == "recurrent" else None
+        zoned = None  # (T, B, H) or, for the LSTM's h and c, (T, B, 2H): True where a unit keeps its old value
+        if drop and self.kind == "zoneout":
+            zoned = torch.rand(steps, batch, hidden * (2 if self.lstm else 1), device=x.device) < self.p
         h = x.new_zeros(batch, hidden)
         c = x.new_zeros(batch, hidden)
-        recurrent_mask = None
-        if self.kind == "recurrent" and self.training and self.p > 0:
-            recurrent_mask = dropout_mask(x, (batch, hidden), self.p)  # (B, H), one per sequence
         outputs = []
         for t in range(steps):
-            fed_back = h if recurrent_mask is None else h * recurrent_mask
-            gates = projected[:, t] + fed_back @ m.weight_hh_l0.T  # (B, G)
+            fed_back = h if recurrent_mask is None else h * recurrent_mask  # (B, H), same mask every step
+            gates = torch.addmm(projected[t], fed_back, w_hh_t)  # (B, G)
             if self.lstm:
                 i, f, g, o = gates.chunk(4, dim=1)
                 c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
                 h_new = torch.sigmoid(o) * torch.tanh(c_new)
                 if self.kind == "zoneout":
-                    c_new = self._zoneout(c, c_new)
-                c = c_new
+                    c = self._zoneout(c, c_new, None if zoned is None else zoned[t, :, hidden:])
+                else:
+                    c = c_new
             else:
                 h_new = torch.tanh(gates)
-            h = self._zoneout(h, h_new) if self.kind == "zoneout" else h_new
+            h = (
+                self._zoneout(h, h_new, None if zoned is None else zoned[t, :, :hidden])
+                if self.kind == "zoneout"
+                else h_new
+            )
             outputs.append(h)
         return torch.stack(outputs, dim=1), None  # (B, T, H)
 
-    def _zoneout(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        if self.p == 0:
+    def _zoneout(self, old: torch.Tensor, new: torch.Tensor, zoned: torch.Tensor | None) -> torch.Tensor:
+        if zoned is not None:  # training: an exact copy of `old` where zoned, not old + (new - old) * 0
+            return torch.where(zoned, old, new)
+        if self.training or self.p == 0:
             return new
-        if not self.training:
-            return self.p * old + (1 - self.p) * new
-        zoned = torch.rand_like(new) < self.p  # True where the unit keeps its previous value
-        return torch.where(zoned, old, new)  # an exact copy of `old` there, not old + (new - old) * 0
+        return self.p * old + (1 - self.p) * new  # eval: the expectation
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, p={self.p}"

@@ -8,6 +8,7 @@ Where each dropout type acts (p = dropout_rate):
 | type          | rnn / lstm                                                   | cnn                                  |
 |---------------|--------------------------------------------------------------|--------------------------------------|
 | `none`        | nowhere                                                      | nowhere                              |
+| `head`        | last hidden state only, the head's input (per unit)          | pooled representation only           |
 | `standard`    | inputs (fresh mask per sample, step, feature), between       | feature maps after each conv block   |
 |               | stacked layers (same), last hidden state                     | (fresh mask per element)             |
 | `spatial`     | input features as channels: a whole feature for the whole   | feature-map channels after each      |
@@ -21,11 +22,17 @@ Where each dropout type acts (p = dropout_rate):
 |               | needs num_layers >= 2 (with 1 layer it does nothing)         |                                      |
 
 A type that does not apply is refused by `check_model_config` with the reason, and left out of the
-family's search space (`applicable_types`).
+family's search space (`applicable_types`). `standard` and `head` are Srivastava et al. (2014)'s
+dropout; the other types cite their papers in `pipeline.dropout`.
+
+`PRESETS` reproduce the three examples of the article that motivated this tool. The third, "an RNN with
+its built-in dropout" with one layer, is built as written (`as_written=True`): PyTorch then applies no
+dropout at all, and `dropout_effective` says so, so the run is never reported as a dropout run.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +42,7 @@ from pipeline.dropout import LockedDropout, LoopRecurrent, SpatialDropout, Weigh
 from pipeline.errors import InputError
 
 FAMILIES = ("rnn", "lstm", "cnn")
-DROPOUT_TYPES = ("none", "standard", "spatial", "variational", "weight_drop", "recurrent", "zoneout", "builtin")
+DROPOUT_TYPES = ("none", "standard", "head", "spatial", "variational", "weight_drop", "recurrent", "zoneout", "builtin")
 RECURRENT_ONLY = {
     "weight_drop": "it drops hidden-to-hidden weights",
     "recurrent": "it masks the fed-back hidden state",
@@ -54,6 +61,30 @@ class ModelConfig:
     kernel_size: int = 3  # cnn only
     dropout_type: str = "none"
     dropout_rate: float = 0.0
+    as_written: bool = False  # build `builtin` with one layer anyway (a no-op in PyTorch), to reproduce it
+
+
+PRESETS: dict[str, dict[str, object]] = {
+    # The article's three examples. Its rates are not given; 0.3 is a common middle value.
+    "article-rnn": {"model": "rnn", "dropout_type": "head", "dropout_rate": 0.3},  # dropout on the last hidden
+    "article-cnn": {"model": "cnn", "dropout_type": "standard", "dropout_rate": 0.3},  # on the feature maps
+    "article-rnn-builtin": {  # nn.RNN(dropout=0.3) with one layer: PyTorch applies no dropout
+        "model": "rnn",
+        "dropout_type": "builtin",
+        "num_layers": 1,
+        "dropout_rate": 0.3,
+        "as_written": True,
+    },
+}
+
+
+def dropout_effective(cfg: ModelConfig) -> bool:
+    """Whether the model really drops anything in training (False for none, rate 0, one-layer builtin)."""
+    return (
+        cfg.dropout_type != "none"
+        and cfg.dropout_rate > 0
+        and not (cfg.dropout_type == "builtin" and cfg.num_layers < 2)
+    )
 
 
 def applicable_types(model: str, num_layers: int = 1) -> tuple[str, ...]:
@@ -77,7 +108,7 @@ def check_model_config(cfg: ModelConfig) -> None:
             f"dropout type {cfg.dropout_type!r} does not apply to the cnn family "
             f"({RECURRENT_ONLY[cfg.dropout_type]}); cnn takes: {', '.join(applicable_types('cnn'))}"
         )
-    if cfg.dropout_type == "builtin" and cfg.num_layers < 2:
+    if cfg.dropout_type == "builtin" and cfg.num_layers < 2 and not cfg.as_written:
         raise InputError(
             "dropout type 'builtin' needs num_layers >= 2: PyTorch's RNN dropout acts only between "
             "stacked layers, so with one layer it would apply no dropout at all"
@@ -109,9 +140,11 @@ class RecurrentNet(nn.Module):
         kind, p = cfg.dropout_type, cfg.dropout_rate
         cell = nn.LSTM if cfg.model == "lstm" else nn.RNN
         if kind == "builtin":
-            self.layers = nn.ModuleList(
-                [cell(n_features, cfg.hidden_size, num_layers=cfg.num_layers, batch_first=True, dropout=p)]
-            )
+            with warnings.catch_warnings():
+                # Only reachable with one layer via `as_written`: we know, and report it as ineffective.
+                warnings.filterwarnings("ignore", message="dropout option adds dropout after all but last")
+                builtin = cell(n_features, cfg.hidden_size, num_layers=cfg.num_layers, batch_first=True, dropout=p)
+            self.layers = nn.ModuleList([builtin])
         else:
             sizes = [n_features] + [cfg.hidden_size] * (cfg.num_layers - 1)
             self.layers = nn.ModuleList(
@@ -119,7 +152,7 @@ class RecurrentNet(nn.Module):
             )
         self.input_drop = SpatialDropout(p) if kind == "spatial" else _sequence_dropout(kind, p)
         self.between_drop = _sequence_dropout(kind, p)
-        self.output_drop = nn.Dropout(p) if kind in ("standard", "variational") else nn.Identity()
+        self.output_drop = nn.Dropout(p) if kind in ("standard", "head", "variational") else nn.Identity()
         self.head = nn.Linear(cfg.hidden_size, 1)
 
     @staticmethod
@@ -162,7 +195,7 @@ class TemporalCNN(nn.Module):
             ]
         self.blocks = nn.Sequential(*blocks)
         self.input_drop = LockedDropout(p) if kind == "variational" else nn.Identity()
-        self.output_drop = nn.Dropout(p) if kind == "variational" else nn.Identity()
+        self.output_drop = nn.Dropout(p) if kind in ("head", "variational") else nn.Identity()
         self.head = nn.Linear(cfg.hidden_size, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

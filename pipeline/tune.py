@@ -32,7 +32,7 @@ import optuna
 from pipeline.config import RunConfig
 from pipeline.errors import InputError, NoResultError
 from pipeline.final import FinalResult, fit_and_log
-from pipeline.models import ModelConfig, applicable_types
+from pipeline.models import ModelConfig, applicable_types, dropout_effective
 from pipeline.stability import summarize
 from pipeline.tracking import EpochLogger, log_params_once
 from pipeline.train import DivergedError, EpochStats, epoch_metrics, train_seeds
@@ -64,6 +64,8 @@ def run_label(model: ModelConfig, trial: int | None = None) -> str:
     parts = [model.model, model.dropout_type]
     if model.dropout_type != "none":
         parts.append(f"p={model.dropout_rate:.2f}")
+        if not dropout_effective(model):
+            parts.append("no effective dropout")
     if trial is not None:
         parts.append(f"trial {trial}")
     return " · ".join(parts)
@@ -141,7 +143,13 @@ def make_objective(cfg: RunConfig, tune_cfg: TuneConfig, data: Windows, parent_i
         child = mlflow.start_run(run_name=label, nested=True, parent_run_id=parent_id)
         curves = EpochLogger(child.info.run_id)
         mlflow.log_params({**trial_cfg.flat(), "trial_number": trial.number})
-        mlflow.set_tags({"optuna.study_name": trial.study.study_name, "optuna.trial_number": str(trial.number)})
+        mlflow.set_tags(
+            {
+                "optuna.study_name": trial.study.study_name,
+                "optuna.trial_number": str(trial.number),
+                "dropout_effective": str(dropout_effective(model_cfg)).lower(),
+            }
+        )
         state, status, outcome = "FAIL", "FAILED", "failed"
 
         def on_epoch(epoch: int, stats: list[EpochStats]) -> None:

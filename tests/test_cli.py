@@ -69,9 +69,9 @@ def test_argparse_errors_are_one_line_exit_2(tmp_path):
 def test_types_lists_each_familys_search_space(capsys):
     assert main(["types"]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        "rnn: none, standard, spatial, variational, weight_drop, recurrent, zoneout, builtin (num_layers >= 2)",
-        "lstm: none, standard, spatial, variational, weight_drop, recurrent, zoneout, builtin (num_layers >= 2)",
-        "cnn: none, standard, spatial, variational",
+        "rnn: none, standard, head, spatial, variational, weight_drop, recurrent, zoneout, builtin (num_layers >= 2)",
+        "lstm: none, standard, head, spatial, variational, weight_drop, recurrent, zoneout, builtin (num_layers >= 2)",
+        "cnn: none, standard, head, spatial, variational",
     ]
 
 
@@ -79,4 +79,26 @@ def test_ingest_prints_a_summary_line(capsys):
     assert main(["ingest", "--ticker", "MSFT"]) == 0
     assert capsys.readouterr().out.strip() == (
         "MSFT: 7983 rows, 1986-03-13 .. 2017-11-10, columns Open, High, Low, Close, Volume"
+    )
+
+
+def test_train_preset_of_the_articles_builtin_rnn_is_flagged_as_no_dropout(capsys, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main(["train", "--preset", "article-rnn-builtin", "--max-epochs", "1", "--seeds", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: rnn · builtin · p=0.30 · no effective dropout applies no dropout" in err
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["dropout_effective"] == "false"
+    assert run.data.tags["preset"] == "article-rnn-builtin"
+    assert run.data.tags["mlflow.runName"] == "rnn · builtin · p=0.30 · no effective dropout"
+    assert (run.data.params["dropout_type"], run.data.params["num_layers"], run.data.params["as_written"]) == (
+        "builtin",
+        "1",
+        "True",
     )

@@ -14,11 +14,13 @@ from pipeline.errors import InputError
 from pipeline.models import (
     DROPOUT_TYPES,
     FAMILIES,
+    PRESETS,
     ModelConfig,
     TemporalCNN,
     applicable_types,
     build_model,
     check_model_config,
+    dropout_effective,
 )
 from pipeline.train import mse
 
@@ -47,7 +49,7 @@ def batch(seed: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_cases_cover_every_type() -> None:
     assert {kind for _, kind in CASES} == set(DROPOUT_TYPES)
-    assert len(CASES) == 8 + 8 + 4
+    assert len(CASES) == 9 + 9 + 5
 
 
 @pytest.mark.parametrize(("family", "kind"), CASES)
@@ -169,7 +171,7 @@ def test_sizes_below_one_are_refused(field: str) -> None:
 def test_recurrent_only_types_are_refused_for_cnn(kind: str) -> None:
     message = refusal(model="cnn", num_layers=2, dropout_type=kind, dropout_rate=0.5)
     assert f"dropout type {kind!r} does not apply to the cnn family" in message
-    assert "cnn takes: none, standard, spatial, variational" in message
+    assert "cnn takes: none, standard, head, spatial, variational" in message
     with pytest.raises(InputError):
         build_model(ModelConfig(model="cnn", num_layers=2, dropout_type=kind, dropout_rate=0.5), N_FEATURES)
 
@@ -195,8 +197,8 @@ def test_builtin_with_two_layers_is_accepted_and_drops(family: str) -> None:
 
 
 def test_applicable_types_exact() -> None:
-    recurrent_1 = ("none", "standard", "spatial", "variational", "weight_drop", "recurrent", "zoneout")
-    cnn = ("none", "standard", "spatial", "variational")
+    recurrent_1 = ("none", "standard", "head", "spatial", "variational", "weight_drop", "recurrent", "zoneout")
+    cnn = ("none", "standard", "head", "spatial", "variational")
     for family in ("rnn", "lstm"):
         assert applicable_types(family, 1) == recurrent_1
         assert applicable_types(family, 2) == (*recurrent_1, "builtin")
@@ -326,3 +328,54 @@ def test_recurrent_between_layer_dropout_layout(family: str, kind: str, shared_i
         assert constant.all()
     else:
         assert constant.float().mean().item() < 0.02
+
+
+# ---------------------------------------------------------------------------------------------- head, presets
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_head_dropout_acts_only_on_the_heads_input(family: str) -> None:
+    model = build_model(ModelConfig(model=family, dropout_type="head", dropout_rate=0.5), N_FEATURES).train()
+    drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert len(drops) == 1 and drops[0] is model.output_drop
+    seen = []
+    model.head.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0]))
+    x, _ = batch()
+    model(x)
+    model(x)
+    before_head = seen[0]  # (B, H): zeros where dropped, kept units scaled by 2
+    assert before_head.shape == (8, 32)
+    assert not torch.equal(seen[0], seen[1])
+    assert 0.3 < (before_head == 0).float().mean().item() < 0.7
+
+
+def test_presets_reproduce_the_articles_examples() -> None:
+    rnn = ModelConfig(**PRESETS["article-rnn"])
+    assert (rnn.model, rnn.dropout_type, rnn.num_layers) == ("rnn", "head", 1) and dropout_effective(rnn)
+    cnn = ModelConfig(**PRESETS["article-cnn"])
+    assert (cnn.model, cnn.dropout_type) == ("cnn", "standard") and dropout_effective(cnn)
+    builtin = ModelConfig(**PRESETS["article-rnn-builtin"])
+    assert (builtin.dropout_type, builtin.num_layers, builtin.as_written) == ("builtin", 1, True)
+    assert not dropout_effective(builtin)
+
+
+def test_one_layer_builtin_as_written_is_bitwise_the_no_dropout_model() -> None:
+    # The article's "RNN with built-in dropout": nn.RNN(dropout=0.3) with one layer. Built as written, it
+    # must be exactly the `none` model in training mode too (PyTorch drops nothing), and emit no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.manual_seed(3)
+        literal = build_model(ModelConfig(**PRESETS["article-rnn-builtin"]), N_FEATURES).train()
+    torch.manual_seed(3)
+    none = build_model(ModelConfig(model="rnn"), N_FEATURES).train()
+    assert literal.layers[0].dropout == 0.3
+    x, _ = batch()
+    assert torch.equal(literal(x), none(x))
+
+
+def test_dropout_effective_flags_runs_that_drop_nothing() -> None:
+    assert not dropout_effective(ModelConfig(dropout_type="none"))
+    assert not dropout_effective(ModelConfig(dropout_type="standard", dropout_rate=0.0))
+    assert not dropout_effective(ModelConfig(dropout_type="builtin", num_layers=1, dropout_rate=0.5, as_written=True))
+    assert dropout_effective(ModelConfig(dropout_type="builtin", num_layers=2, dropout_rate=0.5))
+    assert dropout_effective(ModelConfig(dropout_type="zoneout", dropout_rate=0.1))
