@@ -73,22 +73,32 @@ class WeightDrop(nn.Module):
     `state_dict()`, strict loading, `.to(device)` and `eval()` behave as for the plain module, and the
     dropped weight is passed through `torch.func.functional_call`, which keeps PyTorch's fused kernel
     (no per-step warning, no parameter deletion hack). Gradients reach the raw weight through the mask.
+
+    With `columns=True` whole columns of W_hh (G, H) are dropped: hidden unit j of h(t-1) is cut from
+    every gate. That is exactly a recurrent mask on h(t-1) (Gal & Ghahramani 2016) shared by the whole
+    batch instead of drawn per sample: the `recurrent_shared` type, which keeps the fused kernel.
     """
 
-    def __init__(self, module: nn.RNNBase, p: float) -> None:
+    def __init__(self, module: nn.RNNBase, p: float, columns: bool = False) -> None:
         super().__init__()
         self.module = module
         self.p = p
+        self.columns = columns
         self.names = [f"weight_hh_l{k}" for k in range(module.num_layers)]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, object]:
         if not self.training or self.p == 0:
             return self.module(x)
-        dropped = {name: F.dropout(getattr(self.module, name), self.p, True) for name in self.names}
+        dropped = {name: self._drop(getattr(self.module, name)) for name in self.names}
         return functional_call(self.module, dropped, (x,))
 
+    def _drop(self, weight: torch.Tensor) -> torch.Tensor:  # (G, H) -> (G, H)
+        if self.columns:
+            return weight * dropout_mask(weight, (1, weight.size(1)), self.p)  # one draw per hidden unit
+        return F.dropout(weight, self.p, True)
+
     def extra_repr(self) -> str:
-        return f"p={self.p}, weights={self.names}"
+        return f"p={self.p}, weights={self.names}, columns={self.columns}"
 
 
 class LoopRecurrent(nn.Module):

@@ -17,6 +17,8 @@ Where each dropout type acts (p = dropout_rate):
 |               | over time), last hidden state                                | feature), pooled representation      |
 | `weight_drop` | DropConnect on W_hh of every layer                           | refused: no recurrent weights        |
 | `recurrent`   | mask on h(t-1) per sequence, every layer                     | refused: no recurrence               |
+| `recurrent_   | mask on h(t-1) shared by the batch (= column DropConnect on  | refused: no recurrence               |
+| shared`       | W_hh, fused kernel kept), a new draw per forward             |                                      |
 | `zoneout`     | hidden (and cell) units keep their old value, every layer    | refused: no recurrence               |
 | `builtin`     | PyTorch's `nn.RNN(dropout=p)`: between layers only, so it    | refused: no such argument            |
 |               | needs num_layers >= 2 (with 1 layer it does nothing)         |                                      |
@@ -42,10 +44,22 @@ from pipeline.dropout import LockedDropout, LoopRecurrent, SpatialDropout, Weigh
 from pipeline.errors import InputError
 
 FAMILIES = ("rnn", "lstm", "cnn")
-DROPOUT_TYPES = ("none", "standard", "head", "spatial", "variational", "weight_drop", "recurrent", "zoneout", "builtin")
+DROPOUT_TYPES = (
+    "none",
+    "standard",
+    "head",
+    "spatial",
+    "variational",
+    "weight_drop",
+    "recurrent",
+    "recurrent_shared",
+    "zoneout",
+    "builtin",
+)
 RECURRENT_ONLY = {
     "weight_drop": "it drops hidden-to-hidden weights",
     "recurrent": "it masks the fed-back hidden state",
+    "recurrent_shared": "it drops columns of the hidden-to-hidden weights",
     "zoneout": "it preserves hidden states between steps",
     "builtin": "it is nn.RNN/nn.LSTM's own dropout argument",
 }
@@ -157,8 +171,8 @@ class RecurrentNet(nn.Module):
 
     @staticmethod
     def _layer(layer: nn.RNNBase, kind: str, p: float) -> nn.Module:
-        if kind == "weight_drop":
-            return WeightDrop(layer, p)
+        if kind in ("weight_drop", "recurrent_shared"):
+            return WeightDrop(layer, p, columns=kind == "recurrent_shared")
         if kind in ("recurrent", "zoneout") and p > 0:
             return LoopRecurrent(layer, kind, p)
         return layer  # rate 0 keeps the fused kernel, so it is exactly the no-dropout model

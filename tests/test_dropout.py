@@ -385,3 +385,47 @@ def test_loop_recurrent_refuses_bad_arguments() -> None:
 def test_loop_recurrent_state_dict_matches_fused_module() -> None:
     loop = make_loop(nn.LSTM, "zoneout", 0.5)
     assert list(loop.state_dict()) == [f"module.{key}" for key in nn.LSTM(5, 8, batch_first=True).state_dict()]
+
+
+# ---------------------------------------------------------------------------------------------- recurrent_shared
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_recurrent_shared_drops_whole_columns_of_w_hh(cell: type[nn.RNNBase]) -> None:
+    torch.manual_seed(0)
+    p, hidden = 0.3, 400
+    model = WeightDrop(cell(5, hidden, batch_first=True), p, columns=True).train()
+    raw = model.module.weight_hh_l0.detach().clone()
+    seen = []
+    model.module.register_forward_pre_hook(lambda module, args: seen.append(module.weight_hh_l0.detach().clone()))
+    model(torch.randn(2, 3, 5))
+    model(torch.randn(2, 3, 5))
+    used = seen[0]  # (G, H)
+    dropped = (used == 0).all(dim=0)  # (H,): whole columns
+    kept = ~dropped
+    assert torch.equal(used[:, kept], raw[:, kept] * (1 / (1 - p)))  # every gate's entry scaled alike
+    assert_binomial(dropped.float().mean().item(), p, hidden)
+    assert not torch.equal(seen[0] == 0, seen[1] == 0)  # a new mask each forward
+
+
+def test_recurrent_shared_equals_a_batch_shared_mask_on_the_fed_back_state() -> None:
+    torch.manual_seed(1)
+    rnn = nn.RNN(5, 16, batch_first=True)
+    model = WeightDrop(rnn, 0.5, columns=True).train()
+    used = []
+    rnn.register_forward_pre_hook(lambda module, args: used.append(module.weight_hh_l0.detach().clone()))
+    x = torch.randn(4, 6, 5)
+    out, _ = model(x)
+    mask = (used[0] != 0).any(dim=0).float() * 2.0  # (H,): the mask on h(t-1), the same for every sample
+    h = torch.zeros(4, 16)
+    for t in range(6):
+        h = torch.tanh(x[:, t] @ rnn.weight_ih_l0.T + rnn.bias_ih_l0 + rnn.bias_hh_l0 + (h * mask) @ rnn.weight_hh_l0.T)
+        assert torch.allclose(out[:, t], h, atol=1e-6)
+
+
+@pytest.mark.parametrize("columns", [False, True])
+def test_weight_drop_survives_a_dtype_move(columns: bool) -> None:
+    model = WeightDrop(nn.LSTM(5, 8, batch_first=True), 0.5, columns=columns).to(torch.float64).train()
+    out, _ = model(torch.randn(2, 4, 5, dtype=torch.float64))
+    assert out.dtype == torch.float64
+    assert model.module.weight_hh_l0.dtype == torch.float64

@@ -49,7 +49,7 @@ def batch(seed: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_cases_cover_every_type() -> None:
     assert {kind for _, kind in CASES} == set(DROPOUT_TYPES)
-    assert len(CASES) == 9 + 9 + 5
+    assert len(CASES) == 10 + 10 + 5
 
 
 @pytest.mark.parametrize(("family", "kind"), CASES)
@@ -197,7 +197,17 @@ def test_builtin_with_two_layers_is_accepted_and_drops(family: str) -> None:
 
 
 def test_applicable_types_exact() -> None:
-    recurrent_1 = ("none", "standard", "head", "spatial", "variational", "weight_drop", "recurrent", "zoneout")
+    recurrent_1 = (
+        "none",
+        "standard",
+        "head",
+        "spatial",
+        "variational",
+        "weight_drop",
+        "recurrent",
+        "recurrent_shared",
+        "zoneout",
+    )
     cnn = ("none", "standard", "head", "spatial", "variational")
     for family in ("rnn", "lstm"):
         assert applicable_types(family, 1) == recurrent_1
