@@ -20,10 +20,12 @@ pytestmark = pytest.mark.e2e
 
 
 def mlflow_run(tmp: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
-    # The venv's bin first, so the project's `python` is this interpreter (as after `. .venv/bin/activate`).
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    mlflow_cli = shutil.which("mlflow", path=env["PATH"])
+    # A PATH with this venv (as after `. .venv/bin/activate`) and the system's bin folders only: no conda,
+    # no pyenv, as on a fresh machine (CASES K12); the README's `--env-manager local` must be enough.
+    path = os.pathsep.join([str(Path(sys.executable).parent), "/usr/bin", "/bin"])
+    assert shutil.which("conda", path=path) is None and shutil.which("pyenv", path=path) is None
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "PATH": path}
+    mlflow_cli = shutil.which("mlflow", path=path)
     return subprocess.run(
         [mlflow_cli, "run", str(ROOT), "--env-manager", "local", *args],
         cwd=tmp,
