@@ -48,13 +48,12 @@ def fit_final(cfg: RunConfig, data: Windows, on_epoch: EpochHook | None = None) 
     best = min(runs, key=lambda run: run.best_val)
     model = best.best_model()
     inputs, targets = data.split("test")
-    naive = torch.full_like(targets, data.naive_target())
     return FinalResult(
         model=model,
         runs=runs,
-        summary=summarize(runs, cfg.objective),
+        summary=summarize(runs, cfg.objective, data.naive_loss("val")),
         test_loss=mse(model, inputs, targets),
-        naive_test_loss=nn.functional.mse_loss(naive, targets).item(),
+        naive_test_loss=data.naive_loss("test"),
     )
 
 

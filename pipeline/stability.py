@@ -62,24 +62,81 @@ def seed_spread(values: Sequence[float]) -> float:
 
 
 def coefficient_of_variation(values: Sequence[float]) -> float:
-    """std / mean; used for gradient noise (per-batch gradient norms of an epoch). 0 for a zero mean."""
+    """std / mean; used for gradient noise (per-batch gradient norms). 0 for a zero mean."""
     array = np.asarray(values, dtype=np.float64)
     mean = array.mean()
     return float(array.std() / mean) if mean != 0 else 0.0
 
 
-def summarize(runs: Sequence[SeedRun], cfg: ObjectiveConfig) -> dict[str, float]:
-    """The objective, its parts and the instability measures of one config trained over several seeds."""
+def batch_loss_noise(batch_losses: Sequence[float], width: int = 5) -> tuple[float, float]:
+    """Noise of the per-batch training loss around its trend: (std of residuals, that std / mean loss).
+
+    The trend is a centred moving average of `width` (odd) batches, so a loss that is still falling is
+    not mistaken for noise; residuals exist for the batches with a full window around them. The relative
+    value divides by the mean loss, so that a higher loss level is not mistaken for more noise. With
+    fewer than `width` batches there is no trend to remove: the plain std is used.
+    """
+    losses = np.asarray(batch_losses, dtype=np.float64)
+    if losses.size < width:
+        residuals = losses - losses.mean()
+    else:
+        trend = np.convolve(losses, np.ones(width) / width, mode="valid")  # trend[i] centred on i + width // 2
+        residuals = losses[width // 2 : width // 2 + trend.size] - trend
+    noise = float(residuals.std())
+    mean = losses.mean()
+    return noise, noise / mean if mean != 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Convergence:
+    best_epoch: int  # 1-based epoch of the lowest validation loss
+    train_loss_drop: float  # (first - last epoch train loss) / first: how far the training loss fell
+    val_flat: bool  # the validation curve moved less than `tolerance` (relative range): nothing converged
+    epochs_to_within: int | None  # first epoch within `tolerance` of the best val loss; None when flat
+
+
+def convergence(val_curve: Sequence[float], train_curve: Sequence[float], tolerance: float = 0.01) -> Convergence:
+    """Convergence of one seed's curves. "Within x% of best" is only meaningful when the validation curve
+    moves; on a flat curve every epoch is within x% of the best, so it is reported as None."""
+    val = np.asarray(val_curve, dtype=np.float64)
+    best = float(val.min())
+    flat = bool((val.max() - best) <= tolerance * abs(best))
+    within = None if flat else int(np.argmax(val <= best * (1 + tolerance))) + 1
+    first, last = train_curve[0], train_curve[-1]
+    return Convergence(int(val.argmin()) + 1, (first - last) / first if first else 0.0, flat, within)
+
+
+def summarize(runs: Sequence[SeedRun], cfg: ObjectiveConfig, naive_val_loss: float) -> dict[str, float]:
+    """The objective, its parts and the instability measures of one config over its seeds (means over
+    seeds unless the name says otherwise); `docs/metrics.md` gives each formula."""
     score = objective([run.val_curve for run in runs], cfg)
-    return {
+    tails = [run.history[-cfg.last_k :] for run in runs]  # the last K epochs of each seed
+    noise = [batch_loss_noise([loss for stats in tail for loss in stats.batch_losses]) for tail in tails]
+    fits = [convergence(run.val_curve, [s.train_loss for s in run.history]) for run in runs]
+    best_val = [run.best_val for run in runs]
+    within = [fit.epochs_to_within for fit in fits if fit.epochs_to_within is not None]
+    metrics = {
         "objective": score.value,
         "val_loss_mean": score.val_mean,
         "val_loss_std": score.val_std,
-        "best_val_loss_mean": float(np.mean([run.best_val for run in runs])),
-        "seed_spread_best_val": seed_spread([run.best_val for run in runs]),
+        "best_val_loss_mean": float(np.mean(best_val)),
+        "seed_spread_best_val": seed_spread(best_val),
         "seed_spread_final_val": seed_spread([run.val_curve[-1] for run in runs]),
         "epoch_jitter": float(np.mean([epoch_jitter(run.val_curve, cfg.last_k) for run in runs])),
-        "batch_loss_std_last": float(np.mean([run.history[-1].train_loss_std for run in runs])),
-        "grad_noise_cv": float(np.mean([coefficient_of_variation(run.history[-1].grad_norms) for run in runs])),
+        "batch_loss_noise": float(np.mean([n[0] for n in noise])),
+        "batch_loss_noise_rel": float(np.mean([n[1] for n in noise])),
+        "grad_noise_cv": float(
+            np.mean([coefficient_of_variation([g for stats in tail for g in stats.grad_norms]) for tail in tails])
+        ),
+        "best_epoch_mean": float(np.mean([fit.best_epoch for fit in fits])),
+        "train_loss_drop": float(np.mean([fit.train_loss_drop for fit in fits])),
+        "val_flat_fraction": float(np.mean([fit.val_flat for fit in fits])),
+        "generalisation_gap": float(
+            np.mean([run.best_val - run.history[run.best_epoch - 1].train_loss for run in runs])
+        ),
+        "best_val_vs_naive": float(np.mean(best_val)) / naive_val_loss,
         "epochs_trained_mean": float(np.mean([len(run.history) for run in runs])),
     }
+    if within:  # only seeds whose validation curve was not flat
+        metrics["epochs_to_within_1pct"] = float(np.mean(within))
+    return metrics

@@ -162,7 +162,7 @@ def make_objective(cfg: RunConfig, tune_cfg: TuneConfig, data: Windows, parent_i
 
         try:
             runs = train_seeds(model_cfg, cfg.train, data, on_epoch)
-            summary = summarize(runs, cfg.objective)
+            summary = summarize(runs, cfg.objective, data.naive_loss("val"))
             mlflow.log_metrics(summary)
             state, status = "COMPLETE", "FINISHED"
             outcome = (

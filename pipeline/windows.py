@@ -92,6 +92,11 @@ class Windows:
         """The zero-return forecast in scaled units: (0 - mean) / std of the train close returns."""
         return float(-self.scaler.mean_[0] / self.scaler.scale_[0])
 
+    def naive_loss(self, name: str) -> float:
+        """MSE of the zero-return forecast on one split, in the same units as the models' losses."""
+        targets = self.targets(self.starts[name])
+        return float(((targets - self.naive_target()) ** 2).mean())
+
 
 def part_bounds(n_rows: int, cfg: WindowConfig) -> dict[str, tuple[int, int]]:
     """Row ranges [lo, hi) of the train, val and test parts."""
