@@ -336,3 +336,10 @@ def test_invalid_fractions_refused(train_frac, val_frac):
     with pytest.raises(InputError, match="train_frac and val_frac must be in \\(0, 1\\) and leave a test part") as err:
         make_windows(ramp_prices(200), WindowConfig(train_frac=train_frac, val_frac=val_frac))
     assert f"got {train_frac} and {val_frac}" in str(err.value)
+
+
+def test_naive_loss_is_the_mse_of_the_zero_return_forecast(gspc_windows):
+    _, targets = gspc_windows.split("test")
+    constant = -gspc_windows.scaler.mean_[0] / gspc_windows.scaler.scale_[0]
+    expected = float(((targets.double() - constant) ** 2).mean())
+    assert gspc_windows.naive_loss("test") == pytest.approx(expected, rel=1e-6)
