@@ -12,18 +12,22 @@ import logging
 import sys
 import warnings
 from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
 from typing import Any, NoReturn
 
 from pipeline.config import SECTIONS, RunConfig, coerce
 from pipeline.errors import InputError, NoResultError
 from pipeline.ingest import IngestConfig, load_prices
 from pipeline.models import FAMILIES, PRESETS, applicable_types, check_model_config, dropout_effective
+from pipeline.sweep import SweepConfig
 from pipeline.tune import TuneConfig, default_study_name, run_label
 from pipeline.windows import make_windows
 
 HELP = {
     "ticker": "ticker: ^GSPC and MSFT are shipped in data/; others are downloaded with yfinance and cached",
     "csv": "read prices from this CSV file instead of a ticker",
+    "price_column": "the close to use: Close, or Adj Close (then Open/High/Low are adjusted by the same factor)",
     "window": "days of history per sample",
     "train_frac": "fraction of rows in the train part (chronological)",
     "val_frac": "fraction of rows in the validation part; the test part is the rest",
@@ -48,9 +52,18 @@ HELP = {
     "storage": "Optuna storage URL (default: sqlite:///optuna.db here)",
     "max_rate": "upper bound of the sampled dropout rate",
     "config": "a saved config: YAML path or runs:/<run_id>/best_config.yaml",
+    "types": "comma-separated dropout types to sweep (default: every type the family takes)",
+    "rates": "comma-separated dropout rates to sweep",
+    "workers": "processes training grid points in parallel (one torch thread each)",
     "preset": f"a named example config: {', '.join(PRESETS)} (applied after --config, before other options)",
 }
 TUNE_OPTIONS = [*SECTIONS.values(), TuneConfig]
+NOT_TUNED = ("dropout_type", "dropout_rate", "as_written")  # what a study or sweep chooses itself
+
+
+def sweep_fields() -> list[dataclasses.Field]:
+    """The sweep's options: the run's, less what the grid sets (its `seeds` replaces the train one)."""
+    return option_fields(SECTIONS.values(), skip=(*NOT_TUNED, "seeds")) + option_fields([SweepConfig])
 
 
 class Parser(argparse.ArgumentParser):
@@ -97,7 +110,7 @@ def build_parser() -> Parser:
     ingest.set_defaults(handler=cmd_ingest)
 
     tune = commands.add_parser("tune", help="Optuna study over dropout type and rate (the main job)")
-    add_options(tune, option_fields(TUNE_OPTIONS, skip=("dropout_type", "dropout_rate")))
+    add_options(tune, option_fields(TUNE_OPTIONS, skip=NOT_TUNED))
     tune.set_defaults(handler=cmd_tune)
 
     train = commands.add_parser("train", help="train one config with all its seeds and log the model")
@@ -105,6 +118,15 @@ def build_parser() -> Parser:
     train.add_argument("--preset", default="", choices=["", *PRESETS], metavar="NAME", help=HELP["preset"])
     add_options(train, option_fields(SECTIONS.values()))
     train.set_defaults(handler=cmd_train)
+
+    sweep = commands.add_parser("sweep", help="grid of dropout types × rates, many seeds, then the report")
+    add_options(sweep, sweep_fields())
+    sweep.set_defaults(handler=cmd_sweep)
+
+    report = commands.add_parser("report", help="the HTML report of a sweep or study parent run")
+    report.add_argument("--run-id", "--run_id", dest="run_id", required=True, help="the sweep's or study's parent run")
+    report.add_argument("--out", default="", help="output folder (default: reports/<run id>)")
+    report.set_defaults(handler=cmd_report)
 
     types = commands.add_parser("types", help="list each model family's dropout types")
     types.set_defaults(handler=cmd_types)
@@ -129,10 +151,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from pipeline.report import build_report
     from pipeline.tracking import configure_tracking, tracked_run
     from pipeline.tune import open_study, tune
 
-    fields = option_fields(TUNE_OPTIONS, skip=("dropout_type", "dropout_rate"))
+    fields = option_fields(TUNE_OPTIONS, skip=NOT_TUNED)
     options = given(args, fields)
     tune_names = {f.name for f in dataclasses.fields(TuneConfig)}
     tune_cfg = TuneConfig(**{k: v for k, v in options.items() if k in tune_names})
@@ -145,6 +168,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     uri = configure_tracking()
     with tracked_run(tune_cfg.study_name) as parent:
         result = tune(tune_cfg, cfg, data, study)
+        report = build_report(parent.info.run_id, Path("reports") / tune_cfg.study_name)[0]
     best, final = result.best_cfg.model, result.final
     summary = final.summary
     print(
@@ -154,6 +178,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         f"  test MSE {final.test_loss:.4f} vs naive zero-return {final.naive_test_loss:.4f} "
         f"(skill {final.test_skill:+.2%}){'' if final.test_skill > 0 else ': does NOT beat the naive forecast'}\n"
         f"  parent run {parent.info.run_id}; model {result.model_uri}\n"
+        f"  report: {report.resolve()} (also on the parent run)\n"
         f"  compare trials: mlflow ui --backend-store-uri {uri}\n"
         f"  reuse: mlflow run . -e train -P config=runs:/{parent.info.run_id}/best_config.yaml --env-manager local"
     )
@@ -196,6 +221,41 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"(skill {result.test_skill:+.2%})\n  run {run.info.run_id}; model {model_uri}\n"
         f"  open: mlflow ui --backend-store-uri {uri}"
     )
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pipeline.report import build_report
+    from pipeline.sweep import families, grid, run_sweep
+    from pipeline.tracking import configure_tracking, tracked_run
+
+    fields = sweep_fields()
+    options = given(args, fields)
+    sweep_names = {f.name for f in dataclasses.fields(SweepConfig)}
+    sweep_cfg = SweepConfig(**{k: v for k, v in options.items() if k in sweep_names})
+    cfg = RunConfig().with_options({k: v for k, v in options.items() if k not in sweep_names})
+    points = grid(sweep_cfg, cfg.model)  # refuses unknown families, types and rates before anything runs
+    data = make_windows(load_prices(cfg.ingest), cfg.window)
+    uri = configure_tracking()
+    name = f"sweep-{'-'.join(families(cfg.model.model))}-{datetime.now():%Y%m%d-%H%M%S}"
+    print(f"{name}: {len(points)} configs × {sweep_cfg.seeds} seeds, {sweep_cfg.workers} workers", file=sys.stderr)
+    with tracked_run(name) as parent:
+        run_sweep(sweep_cfg, cfg, data)
+        report = build_report(parent.info.run_id, Path("reports") / name)[0]
+    print(
+        f"report: {report.resolve()}\n  parent run {parent.info.run_id}\n"
+        f"  compare configs: mlflow ui --backend-store-uri {uri}"
+    )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import build_report
+    from pipeline.tracking import configure_tracking
+
+    configure_tracking()
+    files = build_report(args.run_id, Path(args.out or Path("reports") / args.run_id))
+    print(f"report: {files[0].resolve()} ({len(files) - 1} figures; logged to run {args.run_id} under report/)")
     return 0
 
 

@@ -80,9 +80,13 @@ def fixed_options(cfg: RunConfig) -> dict[str, Any]:
     return {k: v for k, v in cfg.flat().items() if k not in TUNED}
 
 
+def storage_url(tune_cfg: TuneConfig) -> str:
+    return tune_cfg.storage or f"sqlite:///{Path.cwd() / 'optuna.db'}"
+
+
 def open_study(tune_cfg: TuneConfig, cfg: RunConfig) -> optuna.Study:
     """Create the study, or load it by name; refuse to resume a study run with other fixed options."""
-    storage = tune_cfg.storage or f"sqlite:///{Path.cwd() / 'optuna.db'}"
+    storage = storage_url(tune_cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # we print our own progress lines
     try:
         study = optuna.create_study(
@@ -191,7 +195,14 @@ def tune(tune_cfg: TuneConfig, cfg: RunConfig, data: Windows, study: optuna.Stud
     """Run the study inside the active (parent) MLflow run, then retrain and log the best config."""
     parent = mlflow.active_run()
     log_params_once({**fixed_options(cfg), "n_trials": tune_cfg.n_trials, "max_rate": tune_cfg.max_rate})
-    mlflow.set_tags({"optuna.study_name": study.study_name, "types": ",".join(applicable_types(cfg.model.model))})
+    mlflow.set_tags(
+        {
+            "pipeline.kind": "study",
+            "optuna.study_name": study.study_name,
+            "optuna.storage": storage_url(tune_cfg),
+            "types": ",".join(applicable_types(cfg.model.model, cfg.model.num_layers)),
+        }
+    )
     objective = make_objective(cfg, tune_cfg, data, parent.info.run_id, Progress(tune_cfg.n_trials))
     study.optimize(objective, n_trials=tune_cfg.n_trials, catch=(DivergedError,))
 

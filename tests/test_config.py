@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import TUNE_OPTIONS, build_parser, option_fields
+from pipeline.cli import NOT_TUNED, TUNE_OPTIONS, build_parser, option_fields
 from pipeline.config import SECTIONS, RunConfig, coerce
 from pipeline.errors import InputError
 
@@ -33,6 +33,18 @@ def test_main_entry_defaults_equal_the_dataclass_defaults():
         assert coerce(spec["default"], defaults[name], name) == defaults[name], name
 
 
+def test_sweep_entry_defaults_equal_the_dataclass_defaults_and_reach_the_cli():
+    from pipeline.cli import sweep_fields
+
+    defaults = {f.name: f.default for f in sweep_fields()}
+    entry = MLPROJECT["entry_points"]["sweep"]
+    options = cli_options("sweep")
+    for name, spec in entry["parameters"].items():
+        assert coerce(spec["default"], defaults[name], name) == defaults[name], name
+        assert f"{options[name]} {{{name}}}" in entry["command"], name
+    assert defaults["seeds"] == 5  # the sweep's own seeds (paired tests need several), not the study's 3
+
+
 def test_every_main_parameter_reaches_the_tune_cli_under_its_own_name():
     entry = MLPROJECT["entry_points"]["main"]
     options = cli_options("tune")
@@ -53,7 +65,7 @@ def test_train_entry_takes_a_config_and_any_train_option_in_mlflow_spelling():
 
 def test_cli_help_shows_the_dataclass_defaults():
     helps = {a.dest: a.help for a in subparser("tune")._actions}
-    for f in option_fields(TUNE_OPTIONS, skip=("dropout_type", "dropout_rate")):
+    for f in option_fields(TUNE_OPTIONS, skip=NOT_TUNED):
         assert helps[f.name].endswith(f"(default: {f.default!r})"), f.name
     assert "(default: 30)" in subparser("tune").format_help()
 

@@ -92,6 +92,7 @@ def test_main_job_logs_the_model_and_best_config(main_job):
     parent = next(r for r in runs(client) if "mlflow.parentRunId" not in r.data.tags)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "best_config.yaml" in artifacts
+    assert "report/index.html" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     config_path = mlflow.artifacts.download_artifacts(
         run_id=parent.info.run_id, artifact_path="best_config.yaml", tracking_uri=client._tracking_client.tracking_uri
     )

@@ -129,3 +129,16 @@ def test_pruned_trials_are_logged_as_pruned(tracking_uri, gspc_windows, tmp_path
     for child in children:
         assert child.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(child.info.run_id, "val_loss")] == [1]
+
+
+def test_study_report_shows_trials_and_optuna_plots(finished_study, tmp_path):
+    from pipeline.report import build_report
+    from tests.test_report import check_page
+
+    parent_id, result, client, _ = finished_study
+    files = build_report(parent_id, tmp_path)
+    text = check_page(tmp_path)
+    assert {f.name for f in files} >= {"index.html", "history.png", "slice.png"}
+    assert "Trials by objective" in text
+    assert f"{result.study.best_value:.4f}" in text  # the best trial's objective heads the table
+    assert {f"report/{f.name}" for f in files} == {a.path for a in client.list_artifacts(parent_id, "report")}

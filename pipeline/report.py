@@ -1,0 +1,584 @@
+"""Stage 8 — report: the evidence, as a self-contained HTML page with PNG figures.
+
+In:  a parent MLflow run: a sweep (`sweep.csv` and `curves.json` artifacts, see `pipeline.sweep`) or an
+     Optuna study (its nested trial runs, and the study in the storage named by its tags).
+Out: `DIR/index.html` with its figures beside it, also logged to the parent run under `report/`.
+
+For a sweep, every dropout type and rate is compared with `none` of the same family, paired by seed:
+the per-seed difference of each measure, its mean with a 95% t-interval, a paired t-test, and
+Benjamini–Hochberg q-values over all tests of the page. The article's claims are then answered one by
+one: supported, contradicted, or not detectable with this budget.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+ALPHA = 0.05
+# Measure -> (label, higher is worse?). Convergence: a later best epoch is slower.
+MEASURES = {
+    "batch_loss_noise_rel": ("training-loss noise (relative)", True),
+    "epoch_jitter": ("epoch-to-epoch jitter of val loss", True),
+    "grad_noise_cv": ("gradient noise (CV)", True),
+    "best_epoch_mean": ("best epoch (convergence)", True),
+    "best_val_loss_mean": ("best validation loss", True),
+}
+SHARED_TYPES = ("standard", "head", "spatial", "variational")  # types both RNNs and CNNs take
+
+
+@dataclass(frozen=True)
+class Effect:
+    """Paired comparison of a treated config with its control over the same seeds."""
+
+    n: int
+    mean_diff: float  # mean of treated - control
+    ci_low: float
+    ci_high: float
+    rel_diff: float  # mean_diff / mean(control)
+    p_value: float  # two-sided paired t-test; 1.0 when every difference is 0
+
+
+def paired_effect(treated: Sequence[float], control: Sequence[float]) -> Effect:
+    """Mean paired difference with a 95% t-interval and a paired t-test (n >= 2 pairs)."""
+    t, c = np.asarray(treated, dtype=np.float64), np.asarray(control, dtype=np.float64)
+    diff = t - c
+    n, mean = diff.size, float(diff.mean())
+    sd = float(diff.std(ddof=1)) if n > 1 else 0.0
+    rel = mean / float(c.mean()) if c.mean() != 0 else 0.0
+    if sd == 0.0:  # identical differences: a t-test is undefined; no difference at all is p = 1
+        return Effect(n, mean, mean, mean, rel, 1.0 if mean == 0 else 0.0)
+    half = float(stats.t.ppf(1 - ALPHA / 2, n - 1)) * sd / math.sqrt(n)
+    p = float(stats.ttest_rel(t, c).pvalue)
+    return Effect(n, mean, mean - half, mean + half, rel, p)
+
+
+def benjamini_hochberg(p_values: Sequence[float]) -> list[float]:
+    """BH-adjusted q-values (the false discovery rate at which each test would be called significant)."""
+    p = np.asarray(p_values, dtype=np.float64)
+    if p.size == 0:
+        return []
+    order = np.argsort(p)
+    ranked = p[order] * p.size / np.arange(1, p.size + 1)
+    q = np.minimum.accumulate(ranked[::-1])[::-1].clip(max=1.0)
+    out = np.empty_like(q)
+    out[order] = q
+    return out.tolist()
+
+
+# --- reading a sweep ------------------------------------------------------------------------------
+
+
+def read_rows(text: str) -> list[dict[str, object]]:
+    """sweep.csv -> rows with floats for numbers."""
+    rows = []
+    for raw in csv.DictReader(io.StringIO(text)):
+        row: dict[str, object] = {}
+        for key, value in raw.items():
+            try:
+                row[key] = float(value)
+            except ValueError:
+                row[key] = value
+        rows.append(row)
+    return rows
+
+
+def by_config(rows: list[dict]) -> dict[tuple[str, str, float], dict[int, dict]]:
+    """{(family, type, rate): {seed: row}}; `none` has rate 0."""
+    grouped: dict[tuple[str, str, float], dict[int, dict]] = {}
+    for row in rows:
+        key = (str(row["family"]), str(row["type"]), float(row["rate"]))
+        grouped.setdefault(key, {})[int(row["seed"])] = row
+    return grouped
+
+
+@dataclass
+class Test:
+    family: str
+    kind: str
+    rate: float
+    measure: str
+    effect: Effect
+    q_value: float = 1.0
+
+    @property
+    def verdict(self) -> str:
+        if self.q_value >= ALPHA:
+            return "no detectable change"
+        worse = (self.effect.mean_diff > 0) == MEASURES[self.measure][1]
+        return "worse" if worse else "better"
+
+
+def paired_tests(grouped: dict[tuple[str, str, float], dict[int, dict]]) -> list[Test]:
+    """Every (family, type, rate) against its family's `none`, per measure, paired by seed; BH-corrected."""
+    tests = []
+    for (family, kind, rate), seeds in sorted(grouped.items()):
+        control = grouped.get((family, "none", 0.0))
+        if kind == "none" or control is None:
+            continue
+        common = sorted(set(seeds) & set(control))
+        if len(common) < 2:
+            continue
+        for measure in MEASURES:
+            effect = paired_effect([seeds[s][measure] for s in common], [control[s][measure] for s in common])
+            tests.append(Test(family, kind, rate, measure, effect))
+    for test, q in zip(tests, benjamini_hochberg([t.effect.p_value for t in tests]), strict=True):
+        test.q_value = q
+    return tests
+
+
+def spread_tests(
+    grouped: dict[tuple[str, str, float], dict[int, dict]],
+) -> list[tuple[str, str, float, float, float, float]]:
+    """Seed spread: (family, type, rate, std of best val across seeds, same for none, Levene p)."""
+    out = []
+    for (family, kind, rate), seeds in sorted(grouped.items()):
+        control = grouped.get((family, "none", 0.0))
+        if kind == "none" or control is None or len(seeds) < 2:
+            continue
+        a = [row["best_val_loss_mean"] for row in seeds.values()]
+        b = [row["best_val_loss_mean"] for row in control.values()]
+        with np.errstate(divide="ignore", invalid="ignore"):  # 2 seeds: median deviations can all be equal
+            p = float(stats.levene(a, b, center="median").pvalue) if np.std(a) + np.std(b) > 0 else 1.0
+        out.append((family, kind, rate, float(np.std(a)), float(np.std(b)), 1.0 if math.isnan(p) else p))
+    return out
+
+
+# --- the article's claims -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claim:
+    claim: str
+    answer: str  # supported | contradicted | not detectable with this budget | not tested | a measured fact
+    evidence: str
+
+
+def direction_claim(claim: str, tests: list[Test], measure: str) -> Claim:
+    """'Dropout makes <measure> worse': supported if significant 'worse' results outnumber 'better' ones."""
+    relevant = [t for t in tests if t.measure == measure and t.kind != "builtin_1layer"]
+    if not relevant:
+        return Claim(claim, "not tested", "no dropout config was compared with none")
+    worse = [t for t in relevant if t.verdict == "worse"]
+    better = [t for t in relevant if t.verdict == "better"]
+    evidence = (
+        f"{len(worse)} of {len(relevant)} type×rate configs significantly worse than none, {len(better)} "
+        f"significantly better (paired by seed, BH q < {ALPHA})"
+    )
+    if worse and len(worse) > len(better):
+        return Claim(claim, "supported", evidence)
+    if better and len(better) > len(worse):
+        return Claim(claim, "contradicted", evidence)
+    return Claim(claim, "not detectable with this budget", evidence)
+
+
+def relative_effects(
+    grouped: dict, family: str, kinds: Sequence[str], measure: str
+) -> dict[tuple[str, float], list[float]]:
+    """{(type, rate): per-seed relative change of `measure` against none}, for the given types."""
+    control = grouped.get((family, "none", 0.0), {})
+    out = {}
+    for (fam, kind, rate), seeds in grouped.items():
+        if fam == family and kind in kinds and kind != "none":
+            common = sorted(set(seeds) & set(control))
+            out[(kind, rate)] = [
+                (seeds[s][measure] - control[s][measure]) / control[s][measure] for s in common if control[s][measure]
+            ]
+    return out
+
+
+def rnn_vs_cnn_claim(grouped: dict, measure: str = "batch_loss_noise_rel") -> Claim:
+    claim = "The effect on training-loss noise is larger in RNNs than in CNNs"
+    rnn = relative_effects(grouped, "rnn", SHARED_TYPES, measure)
+    cnn = relative_effects(grouped, "cnn", SHARED_TYPES, measure)
+    shared = sorted(set(rnn) & set(cnn))
+    if not shared:
+        return Claim(claim, "not tested", "needs a sweep over both rnn and cnn (-P model=all) with shared types")
+    a = [v for key in shared for v in rnn[key]]
+    b = [v for key in shared for v in cnn[key]]
+    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue) if len(a) > 1 and len(b) > 1 else 1.0
+    evidence = (
+        f"mean relative change vs none: rnn {np.mean(a):+.1%}, cnn {np.mean(b):+.1%} over {len(shared)} shared "
+        f"type×rate configs (Welch t-test p = {p:.3g})"
+    )
+    if p < ALPHA:
+        return Claim(claim, "supported" if np.mean(a) > np.mean(b) else "contradicted", evidence)
+    return Claim(claim, "not detectable with this budget", evidence)
+
+
+def rate_claim(grouped: dict, measure: str = "batch_loss_noise_rel") -> Claim:
+    claim = "The effect grows with the dropout rate"
+    results = []
+    for family in sorted({key[0] for key in grouped}):
+        kinds = sorted({key[1] for key in grouped if key[0] == family} - {"none", "builtin_1layer"})
+        for kind, (rates, values) in (
+            (kind, _pooled(relative_effects(grouped, family, [kind], measure))) for kind in kinds
+        ):
+            if len(set(rates)) >= 2:
+                rho, p = stats.spearmanr(rates, values)
+                results.append((family, kind, float(rho), 1.0 if math.isnan(p) else float(p)))
+    if not results:
+        return Claim(claim, "not tested", "needs at least two rates per type")
+    q = benjamini_hochberg([r[3] for r in results])
+    up = [r for r, qq in zip(results, q, strict=True) if qq < ALPHA and r[2] > 0]
+    down = [r for r, qq in zip(results, q, strict=True) if qq < ALPHA and r[2] < 0]
+    evidence = (
+        f"Spearman correlation of rate with the per-seed relative change in training-loss noise: "
+        f"{len(up)} of {len(results)} family×type significantly increasing, {len(down)} decreasing (BH)"
+    )
+    if up and len(up) > len(down):
+        return Claim(claim, "supported", evidence)
+    if down and len(down) > len(up):
+        return Claim(claim, "contradicted", evidence)
+    return Claim(claim, "not detectable with this budget", evidence)
+
+
+def _pooled(effects: dict[tuple[str, float], list[float]]) -> tuple[list[float], list[float]]:
+    rates = [rate for (_, rate), values in effects.items() for _ in values]
+    values = [v for values in effects.values() for v in values]
+    return rates, values
+
+
+def builtin_claim(curves: list[dict]) -> Claim:
+    claim = "nn.RNN(dropout=p) with one layer applies no dropout"
+    control = next((c for c in curves if c["family"] == "rnn" and c["type"] == "none"), None)
+    literal = [c for c in curves if c["family"] == "rnn" and c["type"] == "builtin_1layer"]
+    if control is None or not literal:
+        return Claim(claim, "not tested", "needs an rnn sweep with builtin (or all types)")
+    identical = all(c["curves"] == control["curves"] for c in literal)
+    evidence = (
+        f"{len(literal)} rate(s) × {len(control['curves'])} seeds: every training and validation loss of every "
+        f"epoch {'bitwise identical to' if identical else 'DIFFERENT from'} none under the same seed"
+    )
+    return Claim(claim, "measured: true" if identical else "measured: false", evidence)
+
+
+def dropout1d_claim() -> Claim:
+    import torch
+
+    exists = hasattr(torch.nn, "Dropout1d")
+    return Claim(
+        "PyTorch has a dedicated 1D dropout module",
+        "true" if exists else "false",
+        "torch.nn.Dropout1d zeroes whole channels of a (N, C, L) input; on (batch, time, features) it would "
+        "drop whole time steps, so `spatial` transposes first (tests/test_dropout.py)",
+    )
+
+
+# --- figures --------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def rate_figure(grouped: dict, family: str, path: Path) -> None:
+    """Each measure against the rate, one line per type with 95% CIs over seeds; none as a band."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(MEASURES), figsize=(4 * len(MEASURES), 3.4), squeeze=False)
+    kinds = sorted({k for f, k, _ in grouped if f == family} - {"none"})
+    for ax, (measure, (label, _)) in zip(axes[0], MEASURES.items(), strict=True):
+        control = list(grouped.get((family, "none", 0.0), {}).values())
+        if control:
+            values = [row[measure] for row in control]
+            low, high = _ci(values)
+            ax.axhspan(low, high, color="grey", alpha=0.25, label="none (95% CI)")
+        for kind in kinds:
+            points = sorted(
+                (rate, _ci([r[measure] for r in grouped[(family, kind, rate)].values()]))
+                for f, k, rate in grouped
+                if f == family and k == kind
+            )
+            rates = [p[0] for p in points]
+            mids = [(lo + hi) / 2 for _, (lo, hi) in points]
+            errs = [(hi - lo) / 2 for _, (lo, hi) in points]
+            ax.errorbar(rates, mids, yerr=errs, marker="o", capsize=3, label=kind)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("dropout rate")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{family}: instability against dropout rate (mean and 95% CI over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _ci(values: Sequence[float]) -> tuple[float, float]:
+    array = np.asarray(values, dtype=np.float64)
+    if array.size < 2:
+        return float(array.mean()), float(array.mean())
+    half = float(stats.t.ppf(1 - ALPHA / 2, array.size - 1)) * array.std(ddof=1) / math.sqrt(array.size)
+    return float(array.mean()) - half, float(array.mean()) + half
+
+
+def curves_figure(records: list[dict], path: Path) -> None:
+    """Validation loss by epoch for the best and the worst config (by objective): mean and seed band."""
+    plt = _pyplot()
+    scored = [r for r in records if r["objective"] is not None and r["curves"]]
+    picks = {"best": min(scored, key=lambda r: r["objective"]), "worst": max(scored, key=lambda r: r["objective"])}
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for name, record in picks.items():
+        length = max(len(c["val_loss"]) for c in record["curves"])
+        matrix = np.full((len(record["curves"]), length), np.nan)
+        for row, curve in enumerate(record["curves"]):
+            matrix[row, : len(curve["val_loss"])] = curve["val_loss"]
+        epochs = np.arange(1, length + 1)
+        label = f"{name}: {record['family']} {record['type']} p={record['rate']:.2f}"
+        line = ax.plot(epochs, np.nanmean(matrix, axis=0), marker=".", label=label)[0]
+        ax.fill_between(epochs, np.nanmin(matrix, axis=0), np.nanmax(matrix, axis=0), alpha=0.2, color=line.get_color())
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation loss (scaled MSE)")
+    ax.set_title("Best and worst config: mean over seeds, band = min..max across seeds", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# --- the page -------------------------------------------------------------------------------------
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+STYLE = (
+    "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+    "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px}"
+    ".warn{background:#fff3cd;border:2px solid #e0a800;padding:1em;font-weight:bold}img{max-width:100%}"
+)
+
+
+def page(title: str, sections: list[str]) -> str:
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{''.join(sections)}</body></html>"
+    )
+
+
+def naive_banner(rows: list[dict]) -> str:
+    """A prominent warning when the models do not beat the zero-return forecast on validation."""
+    ratios = [float(r["best_val_vs_naive"]) for r in rows]
+    beaten = sum(r < 1 for r in ratios)
+    if beaten > len(ratios) / 2:
+        return f"<p>{beaten} of {len(ratios)} trained models beat the naive zero-return forecast on validation.</p>"
+    return (
+        f"<p class='warn'>Only {beaten} of {len(ratios)} trained models (config × seed) beat the naive "
+        "zero-return forecast on validation (best validation loss / naive loss: median "
+        f"{np.median(ratios):.3f}). The stability measured here is that of models that learn little or "
+        "nothing; treat it as a weaker answer.</p>"
+    )
+
+
+def sweep_report(rows: list[dict], records: list[dict], out: Path) -> list[Path]:
+    """Write the sweep's page and figures into `out`; return the files written."""
+    grouped = by_config(rows)
+    tests = paired_tests(grouped)
+    seeds = sorted({int(r["seed"]) for r in rows})
+    epochs = sorted({len(c["val_loss"]) for r in records for c in r["curves"]})
+    claims = [
+        direction_claim("Dropout increases the noise of the training loss", tests, "batch_loss_noise_rel"),
+        direction_claim("Dropout slows convergence (later best epoch)", tests, "best_epoch_mean"),
+        direction_claim("Dropout makes validation loss jump more between epochs", tests, "epoch_jitter"),
+        rnn_vs_cnn_claim(grouped),
+        rate_claim(grouped),
+        builtin_claim(records),
+        dropout1d_claim(),
+    ]
+    files = []
+    sections = [
+        f"<p>Seeds per config: {len(seeds)}; epochs per seed: {min(epochs)}..{max(epochs)} (early stopping). "
+        "Every comparison is paired by seed against <code>none</code> of the same family (same initial weights "
+        "and batch order). Definitions: docs/metrics.md.</p>",
+        naive_banner(rows),
+        "<h2>The article's claims</h2>",
+        _table(["claim", "answer", "evidence"], [(c.claim, c.answer, c.evidence) for c in claims]),
+    ]
+    if any(str(r["type"]) == "builtin_1layer" for r in rows):
+        sections.append(
+            "<p class='warn'>builtin_1layer is nn.RNN(dropout=p) with one layer, built as the article wrote it: "
+            "PyTorch applies no dropout at all, so these runs are not dropout runs (tagged "
+            "dropout_effective=false); they are shown next to none for that reason only.</p>"
+        )
+    for family in sorted({str(r["family"]) for r in rows}):
+        name = f"rates_{family}.png"
+        rate_figure(grouped, family, out / name)
+        files.append(out / name)
+        sections.append(f"<h2>{family}</h2><img src='{name}' alt='{family} instability against rate'>")
+    curves_figure(records, out / "curves.png")
+    files.append(out / "curves.png")
+    sections.append("<h2>Loss curves</h2><img src='curves.png' alt='best and worst config curves'>")
+    sections.append("<h2>Verdicts per config (vs none, paired by seed)</h2>")
+    sections.append(
+        _table(
+            ["family", "type", "rate", "measure", "mean diff", "95% CI", "relative", "p", "q (BH)", "verdict"],
+            [
+                (
+                    t.family,
+                    t.kind,
+                    f"{t.rate:.2f}",
+                    MEASURES[t.measure][0],
+                    f"{t.effect.mean_diff:+.4g}",
+                    f"[{t.effect.ci_low:+.3g}, {t.effect.ci_high:+.3g}]",
+                    f"{t.effect.rel_diff:+.1%}",
+                    f"{t.effect.p_value:.3g}",
+                    f"{t.q_value:.3g}",
+                    t.verdict,
+                )
+                for t in tests
+            ],
+        )
+    )
+    spreads = spread_tests(grouped)
+    q = benjamini_hochberg([s[5] for s in spreads])
+    sections.append("<h2>Seed spread of the best validation loss (Levene test vs none)</h2>")
+    sections.append(
+        _table(
+            ["family", "type", "rate", "std across seeds", "none", "p", "q (BH)"],
+            [
+                (f, k, f"{r:.2f}", f"{a:.4g}", f"{b:.4g}", f"{p:.3g}", f"{qq:.3g}")
+                for (f, k, r, a, b, p), qq in zip(spreads, q, strict=True)
+            ],
+        )
+    )
+    summary_rows = sorted({(r["family"], r["type"], r["rate"]) for r in rows}, key=lambda key: (key[0], key[1], key[2]))
+    sections.append("<h2>Against the naive zero-return forecast</h2>")
+    sections.append(
+        _table(
+            ["family", "type", "rate", "best val / naive (mean over seeds)"],
+            [
+                (
+                    f,
+                    k,
+                    f"{rate:.2f}",
+                    f"{np.mean([g['best_val_vs_naive'] for g in grouped[(f, k, rate)].values()]):.4f}",
+                )
+                for f, k, rate in summary_rows
+            ],
+        )
+    )
+    (out / "index.html").write_text(page("Does dropout destabilise training? Sweep report", sections))
+    return [out / "index.html", *files]
+
+
+def study_report(run, client, out: Path) -> list[Path]:
+    """Write a study's page: trials table, Optuna's history / importance / slice plots, naive baseline."""
+    import optuna
+
+    children = client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'", max_results=5000
+    )
+    trials = sorted((c for c in children if "objective" in c.data.metrics), key=lambda c: c.data.metrics["objective"])
+    files: list[Path] = []
+    sections = [
+        naive_banner([{"best_val_vs_naive": c.data.metrics["best_val_vs_naive"]} for c in trials])
+        if trials
+        else "<p class='warn'>No trial completed.</p>",
+        "<h2>Trials by objective</h2>",
+        _table(
+            [
+                "trial",
+                "type",
+                "rate",
+                "objective",
+                "val mean",
+                "val std",
+                "seed spread",
+                "loss noise (rel)",
+                "best val / naive",
+                "state",
+            ],
+            [
+                (
+                    c.data.params.get("trial_number"),
+                    c.data.params.get("dropout_type"),
+                    f"{float(c.data.params.get('dropout_rate', 0)):.3f}",
+                    f"{c.data.metrics['objective']:.4f}",
+                    f"{c.data.metrics['val_loss_mean']:.4f}",
+                    f"{c.data.metrics['val_loss_std']:.4f}",
+                    f"{c.data.metrics.get('seed_spread_best_val', float('nan')):.4f}",
+                    f"{c.data.metrics.get('batch_loss_noise_rel', float('nan')):.4f}",
+                    f"{c.data.metrics.get('best_val_vs_naive', float('nan')):.4f}",
+                    c.data.tags.get("trial_state"),
+                )
+                for c in trials
+            ],
+        ),
+    ]
+    name, storage = run.data.tags.get("optuna.study_name"), run.data.tags.get("optuna.storage")
+    if name and storage:
+        study = optuna.load_study(study_name=name, storage=storage)
+        plt = _pyplot()
+        plots = {
+            "history.png": optuna.visualization.matplotlib.plot_optimization_history,
+            "importances.png": optuna.visualization.matplotlib.plot_param_importances,
+            "slice.png": optuna.visualization.matplotlib.plot_slice,
+        }
+        for filename, plot in plots.items():
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+                    axes = plot(study)
+            except (ValueError, RuntimeError) as exc:  # e.g. importances need two completed trials
+                sections.append(f"<p>{filename[:-4]}: not available ({html.escape(str(exc))})</p>")
+                continue
+            figure = np.ravel(axes)[0].figure
+            figure.set_size_inches(9, 3.6)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # slice plots carry a colour bar tight_layout cannot place
+                figure.tight_layout()
+            figure.savefig(out / filename, dpi=90)
+            plt.close(figure)
+            files.append(out / filename)
+            sections.append(f"<h2>{filename[:-4]}</h2><img src='{filename}' alt='{filename[:-4]}'>")
+    (out / "index.html").write_text(page(f"Study report: {name or run.info.run_id}", sections))
+    return [out / "index.html", *files]
+
+
+def build_report(run_id: str, out: Path) -> list[Path]:
+    """Build the report of a sweep or study parent run into `out` and log it to that run under `report/`."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.errors import InputError
+
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise InputError(f"no MLflow run {run_id!r} in {mlflow.get_tracking_uri()}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    kind = run.data.tags.get("pipeline.kind")
+    if kind == "sweep":
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep the terminal to our lines
+        local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(out / ".artifacts")))
+        rows = read_rows((local / "sweep.csv").read_text())
+        records = json.loads((local / "curves.json").read_text())
+        if not rows:
+            raise InputError(f"sweep run {run_id} has no completed config to report on")
+        files = sweep_report(rows, records, out)
+    elif kind == "study":
+        files = study_report(run, client, out)
+    else:
+        raise InputError(f"run {run_id} is neither a sweep nor a study parent run (tag pipeline.kind is {kind!r})")
+    for path in files:
+        client.log_artifact(run_id, str(path), artifact_path="report")
+    return files

@@ -1,0 +1,155 @@
+"""The report: its statistics on hand-computed inputs, and real pages built from a real sweep and study."""
+
+import math
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from scipy import stats
+
+from pipeline.cli import main
+from pipeline.config import RunConfig
+from pipeline.errors import InputError
+from pipeline.models import ModelConfig
+from pipeline.report import benjamini_hochberg, build_report, paired_effect
+from pipeline.sweep import SweepConfig, grid, run_sweep
+from pipeline.tracking import tracked_run
+from pipeline.train import SeedRun, TrainConfig
+
+
+def test_paired_effect_by_hand():
+    treated, control = [3.0, 5.0, 4.0], [1.0, 2.0, 3.0]  # differences 2, 3, 1: mean 2, sd 1
+    effect = paired_effect(treated, control)
+    half = stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3)
+    assert effect.mean_diff == pytest.approx(2.0)
+    assert (effect.ci_low, effect.ci_high) == (pytest.approx(2 - half), pytest.approx(2 + half))
+    assert effect.rel_diff == pytest.approx(2.0 / 2.0)
+    t = 2.0 / (1.0 / math.sqrt(3))  # t statistic with 2 degrees of freedom
+    assert effect.p_value == pytest.approx(2 * stats.t.sf(t, 2))
+
+
+def test_paired_effect_of_identical_runs_is_no_difference():
+    effect = paired_effect([0.5, 0.7], [0.5, 0.7])
+    assert effect.mean_diff == 0.0 and effect.p_value == 1.0
+
+
+def test_benjamini_hochberg_by_hand():
+    # Sorted p: 0.01, 0.03, 0.04, 0.2 -> p*m/rank: 0.04, 0.06, 0.0533, 0.2 -> running min from the top:
+    # 0.04, 0.0533, 0.0533, 0.2; returned in the input order.
+    q = benjamini_hochberg([0.04, 0.01, 0.2, 0.03])
+    assert q == pytest.approx([0.16 / 3, 0.04, 0.2, 0.16 / 3])
+    assert benjamini_hochberg([]) == []
+
+
+def test_seeds_pair_initial_weights_and_batch_order_across_types(gspc_windows):
+    cfg = TrainConfig(max_epochs=1, seeds=1)
+    runs = {
+        kind: SeedRun(ModelConfig(model="rnn", dropout_type=kind, dropout_rate=0.5), cfg, gspc_windows, seed=4)
+        for kind in ("none", "standard", "weight_drop", "recurrent", "zoneout", "head")
+    }
+    reference = [p.detach() for p in runs["none"].model.parameters()]
+    for kind, run in runs.items():
+        assert all(torch.equal(a, b) for a, b in zip(reference, run.model.parameters(), strict=True)), kind
+        assert torch.equal(run.batch_order.get_state(), runs["none"].batch_order.get_state()), kind
+
+
+def test_grid_measures_the_one_layer_builtin_as_written_instead_of_refusing():
+    points = grid(SweepConfig(types="standard,builtin", rates="0.2,0.4"), ModelConfig(model="rnn"))
+    assert [(cfg.dropout_type, cfg.dropout_rate, label) for cfg, label in points] == [
+        ("none", 0.0, "none"),
+        ("standard", 0.2, "standard"),
+        ("standard", 0.4, "standard"),
+        ("builtin", 0.2, "builtin_1layer"),
+        ("builtin", 0.4, "builtin_1layer"),
+    ]
+    assert all(cfg.as_written for cfg, label in points if label == "builtin_1layer")
+    with pytest.raises(InputError, match="does not apply to the cnn family"):
+        grid(SweepConfig(types="zoneout"), ModelConfig(model="cnn"))
+    with pytest.raises(InputError, match="rates must be a comma-separated list of float, got 'a,b'"):
+        grid(SweepConfig(rates="a,b"), ModelConfig(model="rnn"))
+
+
+class Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.text = [], []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def check_page(folder: Path) -> str:
+    """The page parses, every image it shows exists as a PNG beside it; returns its text."""
+    parser = Page()
+    parser.feed((folder / "index.html").read_text())
+    assert parser.images
+    for src in parser.images:
+        assert (folder / src).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", src
+    return " ".join(parser.text)
+
+
+@pytest.fixture(scope="module")
+def sweep_report(tracking_uri, gspc_windows, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    cfg = RunConfig().with_options({"model": "rnn", "hidden_size": 8, "max_epochs": 2})
+    sweep = SweepConfig(types="standard,builtin", rates="0.3,0.6", seeds=2, workers=1)
+    with tracked_run("sweep-test") as parent:
+        results = run_sweep(sweep, cfg, gspc_windows)
+    files = build_report(parent.info.run_id, out)
+    return parent.info.run_id, results, out, files
+
+
+def test_sweep_logs_one_nested_run_per_config(sweep_report, tracking_uri):
+    parent_id, results, _, _ = sweep_report
+    client = MlflowClient(tracking_uri)
+    children = client.search_runs(
+        [client.get_run(parent_id).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"
+    )
+    assert len(children) == len(results) == 5
+    assert sorted(c.data.params["reported_type"] for c in children) == [
+        "builtin_1layer",
+        "builtin_1layer",
+        "none",
+        "standard",
+        "standard",
+    ]
+    for child in children:
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_loss")] == [1, 2]
+        assert "batch_loss_noise_rel" in child.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parent_id)}
+    assert {"sweep.csv", "curves.json", "report"} <= artifacts
+
+
+def test_sweep_report_answers_the_claims_from_measurements(sweep_report):
+    parent_id, results, out, files = sweep_report
+    text = check_page(out)
+    assert "nn.RNN(dropout=p) with one layer applies no dropout measured: true" in re.sub(r"\s+", " ", text)
+    none = next(r for r in results if r.label == "none")
+    literal = [r for r in results if r.label == "builtin_1layer"]
+    assert all(r.curves == none.curves for r in literal)  # what the claim rests on, bitwise
+    assert "Dropout increases the noise of the training loss" in text
+    assert "Seeds per config: 2" in text
+    assert {f.name for f in files} >= {"index.html", "rates_rnn.png", "curves.png"}
+    logged = {a.path for a in MlflowClient().list_artifacts(parent_id, "report")}
+    assert {f"report/{f.name}" for f in files} == logged
+
+
+def test_report_of_an_unknown_run_is_one_line_exit_2(tracking_uri, capsys, tmp_path):
+    assert main(["report", "--run-id", "0123456789abcdef", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no MLflow run '0123456789abcdef'")
+
+
+def test_report_refuses_a_run_that_is_neither_sweep_nor_study(tracking_uri, tmp_path):
+    with mlflow.start_run() as plain:
+        pass
+    with pytest.raises(InputError, match="is neither a sweep nor a study parent run"):
+        build_report(plain.info.run_id, tmp_path)
