@@ -176,9 +176,14 @@ def direction_claim(claim: str, tests: list[Test], measure: str) -> Claim:
         f"{len(worse)} of {len(relevant)} type×rate configs significantly worse than none, {len(better)} "
         f"significantly better (paired by seed, BH q < {ALPHA})"
     )
-    if worse and len(worse) > len(better):
+    return vote(claim, len(worse), len(better), evidence)
+
+
+def vote(claim: str, supporting: int, contradicting: int, evidence: str) -> Claim:
+    """The answer from counts of significant results for and against a claim."""
+    if supporting > contradicting:
         return Claim(claim, "supported", evidence)
-    if better and len(better) > len(worse):
+    if contradicting > supporting:
         return Claim(claim, "contradicted", evidence)
     return Claim(claim, "not detectable with this budget", evidence)
 
@@ -237,11 +242,7 @@ def rate_claim(grouped: dict, measure: str = "batch_loss_noise_rel") -> Claim:
         f"Spearman correlation of rate with the per-seed relative change in training-loss noise: "
         f"{len(up)} of {len(results)} family×type significantly increasing, {len(down)} decreasing (BH)"
     )
-    if up and len(up) > len(down):
-        return Claim(claim, "supported", evidence)
-    if down and len(down) > len(up):
-        return Claim(claim, "contradicted", evidence)
-    return Claim(claim, "not detectable with this budget", evidence)
+    return vote(claim, len(up), len(down), evidence)
 
 
 def _pooled(effects: dict[tuple[str, float], list[float]]) -> tuple[list[float], list[float]]:
