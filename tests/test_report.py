@@ -15,7 +15,17 @@ from pipeline.cli import main
 from pipeline.config import RunConfig
 from pipeline.errors import InputError
 from pipeline.models import ModelConfig
-from pipeline.report import benjamini_hochberg, build_report, paired_effect
+from pipeline.report import (
+    MEASURES,
+    benjamini_hochberg,
+    build_report,
+    by_config,
+    direction_claim,
+    paired_effect,
+    paired_tests,
+    rate_claim,
+    rnn_vs_cnn_claim,
+)
 from pipeline.sweep import SweepConfig, grid, run_sweep
 from pipeline.tracking import tracked_run
 from pipeline.train import SeedRun, TrainConfig
@@ -153,3 +163,51 @@ def test_report_refuses_a_run_that_is_neither_sweep_nor_study(tracking_uri, tmp_
         pass
     with pytest.raises(InputError, match="is neither a sweep nor a study parent run"):
         build_report(plain.info.run_id, tmp_path)
+
+
+def synthetic_rows(effects: dict[tuple[str, str, float], float], seeds: int = 6) -> list[dict]:
+    """Per-seed rows whose measures are a seed-specific base times (1 + effect), with tiny seed noise."""
+    rows = []
+    for (family, kind, rate), effect in effects.items():
+        for seed in range(seeds):
+            base = 1.0 + 0.1 * seed
+            wobble = 0.001 * ((seed * 7 + int(rate * 10)) % 3)
+            value = base * (1 + effect) + wobble
+            rows.append(
+                {
+                    "family": family,
+                    "type": kind,
+                    "rate": rate,
+                    "seed": float(seed),
+                    **dict.fromkeys(MEASURES, value),
+                    "best_val_vs_naive": 0.9,
+                }
+            )
+    return rows
+
+
+def test_claims_follow_clear_synthetic_effects():
+    rows = synthetic_rows(
+        {
+            ("rnn", "none", 0.0): 0.0,
+            ("rnn", "standard", 0.2): 0.10,
+            ("rnn", "standard", 0.5): 0.30,
+            ("cnn", "none", 0.0): 0.0,
+            ("cnn", "standard", 0.2): 0.01,
+            ("cnn", "standard", 0.5): 0.02,
+        }
+    )
+    grouped = by_config(rows)
+    tests = paired_tests(grouped)
+    noise = direction_claim("noise up", tests, "batch_loss_noise_rel")
+    assert noise.answer == "supported"
+    assert noise.evidence.startswith("4 of 4 type×rate configs significantly worse than none, 0 significantly better")
+    assert rnn_vs_cnn_claim(grouped).answer == "supported"
+    assert rate_claim(grouped).answer == "supported"
+
+
+def test_claims_report_the_opposite_as_contradicted():
+    rows = synthetic_rows({("rnn", "none", 0.0): 0.0, ("rnn", "spatial", 0.3): -0.2})
+    tests = paired_tests(by_config(rows))
+    assert direction_claim("noise up", tests, "batch_loss_noise_rel").answer == "contradicted"
+    assert all(t.verdict == "better" for t in tests)
