@@ -18,11 +18,11 @@ from typing import Any, NoReturn
 
 from pipeline.config import SECTIONS, RunConfig, coerce
 from pipeline.errors import InputError, NoResultError
-from pipeline.ingest import IngestConfig, load_prices
+from pipeline.ingest import IngestConfig, QualityReport, load_prices_with_report
 from pipeline.models import FAMILIES, PRESETS, applicable_types, check_model_config, dropout_effective
 from pipeline.sweep import SweepConfig
 from pipeline.tune import TuneConfig, default_study_name, run_label
-from pipeline.windows import make_windows
+from pipeline.windows import Windows, make_windows
 
 HELP = {
     "ticker": "ticker: ^GSPC and MSFT are shipped in data/; others are downloaded with yfinance and cached",
@@ -133,26 +133,27 @@ def build_parser() -> Parser:
     return parser
 
 
-def prepare(cfg: RunConfig):
-    """Validate the config and build the windows: every input error surfaces before MLflow starts."""
+def load_data(cfg: RunConfig) -> tuple[Windows, QualityReport]:
+    """Prices -> windows, with the data-quality record: every input error surfaces before MLflow starts."""
+    prices, quality = load_prices_with_report(cfg.ingest)
+    return make_windows(prices, cfg.window), quality
+
+
+def prepare(cfg: RunConfig) -> tuple[Windows, QualityReport]:
     check_model_config(cfg.model)
-    return make_windows(load_prices(cfg.ingest), cfg.window)
+    return load_data(cfg)
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     cfg = IngestConfig(**given(args, option_fields([IngestConfig])))
-    prices = load_prices(cfg)
-    source = cfg.csv or cfg.ticker
-    print(
-        f"{source}: {len(prices)} rows, {prices.index[0].date()} .. {prices.index[-1].date()}, "
-        f"columns {', '.join(prices.columns)}"
-    )
+    _, report = load_prices_with_report(cfg)
+    print(report.summary())
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from pipeline.report import build_report
-    from pipeline.tracking import configure_tracking, tracked_run
+    from pipeline.tracking import configure_tracking, log_params_once, tracked_run
     from pipeline.tune import open_study, tune
 
     fields = option_fields(TUNE_OPTIONS, skip=NOT_TUNED)
@@ -162,11 +163,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     cfg = RunConfig().with_options({k: v for k, v in options.items() if k not in tune_names})
     if tune_cfg.n_trials < 1:
         raise InputError(f"n_trials must be at least 1, got {tune_cfg.n_trials}")
-    data = prepare(cfg)
+    data, quality = prepare(cfg)
     tune_cfg = dataclasses.replace(tune_cfg, study_name=tune_cfg.study_name or default_study_name(cfg))
     study = open_study(tune_cfg, cfg)
     uri = configure_tracking()
     with tracked_run(tune_cfg.study_name) as parent:
+        log_params_once(quality.as_params())
         result = tune(tune_cfg, cfg, data, study)
         report = build_report(parent.info.run_id, Path("reports") / tune_cfg.study_name)[0]
     best, final = result.best_cfg.model, result.final
@@ -194,7 +196,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     uri = configure_tracking()
     base = read_config(args.config) if args.config else RunConfig()
     cfg = base.with_options({**PRESETS.get(args.preset, {}), **given(args, fields)})
-    data = prepare(cfg)
+    data, quality = prepare(cfg)
     tags = {
         "config_source": args.config or "options",
         "preset": args.preset or "none",
@@ -207,7 +209,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     with tracked_run(run_label(cfg.model), tags=tags) as run:
-        log_params_once(cfg.flat())
+        log_params_once({**cfg.flat(), **quality.as_params()})
         curves = EpochLogger(run.info.run_id)
         try:
             result, model_uri = fit_and_log(
@@ -227,7 +229,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from pipeline.report import build_report
     from pipeline.sweep import families, grid, run_sweep
-    from pipeline.tracking import configure_tracking, tracked_run
+    from pipeline.tracking import configure_tracking, log_params_once, tracked_run
 
     fields = sweep_fields()
     options = given(args, fields)
@@ -235,11 +237,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     sweep_cfg = SweepConfig(**{k: v for k, v in options.items() if k in sweep_names})
     cfg = RunConfig().with_options({k: v for k, v in options.items() if k not in sweep_names})
     points = grid(sweep_cfg, cfg.model)  # refuses unknown families, types and rates before anything runs
-    data = make_windows(load_prices(cfg.ingest), cfg.window)
+    data, quality = load_data(cfg)
     uri = configure_tracking()
     name = f"sweep-{'-'.join(families(cfg.model.model))}-{datetime.now():%Y%m%d-%H%M%S}"
     print(f"{name}: {len(points)} configs × {sweep_cfg.seeds} seeds, {sweep_cfg.workers} workers", file=sys.stderr)
     with tracked_run(name) as parent:
+        log_params_once(quality.as_params())
         run_sweep(sweep_cfg, cfg, data)
         report = build_report(parent.info.run_id, Path("reports") / name)[0]
     print(

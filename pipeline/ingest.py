@@ -5,6 +5,7 @@ In:  a ticker (a file shipped in `data/`, a cached download, or a fresh yfinance
      `DataFrame.to_csv()` writes for a recent yfinance download, or its two-line variant).
 Out: a DataFrame indexed by `Date` (ascending, unique, tz-naive) with float64 columns, in this order,
      among Open, High, Low, Close, Volume. Close is always present; the others when the source has them.
+     Next to it (`load_prices_with_report`), a `QualityReport`: what was read, dropped, filled and flagged.
 
 Nothing here touches MLflow: a bad input fails before any run is started.
 """
@@ -18,9 +19,10 @@ import os
 import re
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pipeline.errors import InputError
@@ -34,11 +36,15 @@ SHIPPED = {
     "MSFT": "MSFT_1986-2017_daily_yf-multiheader.csv",
 }
 COLUMNS = ("Open", "High", "Low", "Close", "Volume")
-# Lower-cased spellings seen in the wild -> canonical column. Adj Close is dropped: prices from
-# yfinance are auto-adjusted already, and mixing an adjusted close with unadjusted O/H/L would
-# create fake jumps.
-ALIASES = {"open": "Open", "high": "High", "low": "Low", "close": "Close", "volume": "Volume"}
+# Column names are matched ignoring case, spaces and underscores ("adj close", "Adj_Close", "AdjClose").
+# Adj Close is dropped unless price_column asks for it: prices from yfinance are auto-adjusted already,
+# and an adjusted close next to unadjusted O/H/L would create fake jumps.
+ALIASES = {"open": "Open", "high": "High", "low": "Low", "close": "Close", "volume": "Volume", "adjclose": "Adj Close"}
+PRICE_COLUMNS = ("Close", "Adj Close")
 MAX_FILL_DAYS = 3  # isolated gaps up to this many rows are forward-filled; longer gaps are refused
+# |daily log return of Close| above this (a fall of 22% or a rise of 28%) is flagged in the report, not
+# removed: real crashes exist (MSFT 1987-10-19: 0.36), but so do unadjusted splits (2:1 gives 0.69).
+LARGE_MOVE = 0.25
 SAFE_TICKER = re.compile(r"^[A-Za-z0-9^=._-]{1,32}$")
 
 
@@ -48,16 +54,85 @@ class IngestConfig:
 
     ticker: str = "^GSPC"  # a shipped series (^GSPC, MSFT) or any yfinance ticker
     csv: str = ""  # a CSV file to read instead of the ticker
+    # "Close", or "Adj Close": Close becomes the adjusted close, Open/High/Low scaled by the same factor
+    price_column: str = "Close"
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    """What cleaning read, dropped, filled and flagged in one series (dates as YYYY-MM-DD)."""
+
+    source: str  # the ticker or CSV path, as the user gave it
+    rows_read: int
+    rows_kept: int
+    duplicate_dates: int  # rows dropped because a later row has the same date
+    empty_rows: int  # rows without any value, dropped
+    cells_filled: int  # missing values forward-filled (gaps of up to MAX_FILL_DAYS rows)
+    first_date: str
+    last_date: str
+    columns: tuple[str, ...]
+    price_column: str = "Close"
+    large_moves: tuple[str, ...] = ()  # dates whose |log return of Close| > the threshold (kept, not removed)
+    large_move_threshold: float = LARGE_MOVE
+
+    def summary(self) -> str:
+        """One line: rows, dates, columns, what cleaning changed, and the large moves."""
+        columns = ", ".join(self.columns)
+        if self.price_column == "Adj Close":
+            columns += " (Close = Adj Close, Open/High/Low scaled)"
+        counts = [(self.duplicate_dates, "duplicate date", ""), (self.empty_rows, "empty row", "")]
+        counts.append((self.cells_filled, "cell", " filled"))
+        cleaned = ", ".join(_plural(n, noun) + tail for n, noun, tail in counts if n) or "nothing"
+        line = (
+            f"{self.source}: {_plural(self.rows_kept, 'row')} kept of {self.rows_read} read, "
+            f"{self.first_date} .. {self.last_date}, columns {columns}; cleaned: {cleaned}"
+        )
+        if self.large_moves:
+            more = len(self.large_moves) - 3
+            dates = ", ".join(self.large_moves[:3]) + (f", +{more} more" if more > 0 else "")
+            line += f"; {_plural(len(self.large_moves), 'large move')} flagged ({dates})"
+        return line
+
+    def as_params(self) -> dict[str, str | int | float]:
+        """Flat {name: scalar} for `mlflow.log_params`, names prefixed `data_` (dates capped at 20)."""
+        params = {f"data_{k}": v for k, v in asdict(self).items() if k not in ("columns", "large_moves")}
+        dates = ",".join(self.large_moves[:20]) + (",..." if len(self.large_moves) > 20 else "")
+        params.update(data_columns=",".join(self.columns), data_large_moves=len(self.large_moves))
+        return {**params, "data_large_move_dates": dates}
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def load_prices(cfg: IngestConfig, data_dir: Path = DATA_DIR) -> pd.DataFrame:
     """Return the clean price frame for `cfg` (CSV file if given, else the ticker)."""
+    return load_prices_with_report(cfg, data_dir)[0]
+
+
+def load_prices_with_report(cfg: IngestConfig, data_dir: Path = DATA_DIR) -> tuple[pd.DataFrame, QualityReport]:
+    """Return the clean price frame for `cfg` and its QualityReport (source: the CSV path or ticker given)."""
+    price_column = canonical_price_column(cfg.price_column)
     if cfg.csv:
-        return clean_prices(read_price_csv(Path(cfg.csv)), source=cfg.csv)
-    if cfg.ticker in SHIPPED:
+        frame, report = clean_prices_with_report(read_price_csv(Path(cfg.csv)), cfg.csv, price_column)
+    elif cfg.ticker in SHIPPED:
         path = data_dir / SHIPPED[cfg.ticker]
-        return clean_prices(read_price_csv(path), source=str(path))
-    return load_ticker(cfg.ticker, data_dir / "cache")
+        frame, report = clean_prices_with_report(read_price_csv(path), str(path), price_column)
+    else:
+        frame, report = _load_ticker(cfg.ticker, data_dir / "cache", price_column)
+    return frame, replace(report, source=cfg.csv or cfg.ticker)
+
+
+def canonical_price_column(name: str) -> str:
+    """Canonical "Close" or "Adj Close" for any spelling of them ("adj_close", "AdjClose", ...); else InputError."""
+    for column in PRICE_COLUMNS:
+        if _key(name) == _key(column):
+            return column
+    raise InputError(f"price_column must be Close or Adj Close, got {name!r}")
+
+
+def _key(name: object) -> str:
+    return re.sub(r"[\s_]+", "", str(name)).lower()
 
 
 # --- CSV files --------------------------------------------------------------------------------
@@ -67,8 +142,12 @@ def read_price_csv(path: Path) -> pd.DataFrame:
     """Read a price CSV in any supported layout; columns and index are still raw strings/values."""
     if not path.is_file():
         raise InputError(f"CSV file not found: {path}")
-    with path.open(newline="") as handle:
-        head = [row for _, row in zip(range(3), csv.reader(handle), strict=False)]
+    try:  # utf-8-sig: spreadsheet exports often start with a byte-order mark
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            lines = [line for _, line in zip(range(3), handle, strict=False)]
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a text CSV file (a spreadsheet or archive? export it as CSV)") from None
+    head = list(csv.reader(lines))
     if not head or not any(cell.strip() for cell in head[0]):
         raise InputError(f"{path}: the file is empty")
     if len(head[0]) < 2:
@@ -86,9 +165,12 @@ def read_price_csv(path: Path) -> pd.DataFrame:
         if len(head) > 2 and first_cells[2] == "date" and not any(cell.strip() for cell in head[2][1:]):
             skip.append(2)
     try:
-        frame = pd.read_csv(path, skiprows=skip, index_col=0)
+        frame = pd.read_csv(path, skiprows=skip, index_col=0, encoding="utf-8-sig")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot parse as CSV ({str(exc).strip().splitlines()[0]})") from None
+    if frame.empty and not any(_key(column) in ALIASES for column in frame.columns):
+        # e.g. the JSON error Yahoo answers for an unknown symbol, saved under a .csv name
+        raise InputError(f"{path}: not a price CSV (no Date/Close header; first line {lines[0].strip()[:60]!r})")
     if frame.empty:
         raise InputError(f"{path}: has a header but no data rows")
     return frame
@@ -97,21 +179,39 @@ def read_price_csv(path: Path) -> pd.DataFrame:
 # --- cleaning ---------------------------------------------------------------------------------
 
 
-def clean_prices(frame: pd.DataFrame, source: str) -> pd.DataFrame:
-    """Validate and clean a raw price frame: canonical float columns, sorted unique dates.
+def clean_prices(frame: pd.DataFrame, source: str, price_column: str = "Close") -> pd.DataFrame:
+    """The clean frame alone (see `clean_prices_with_report`)."""
+    return clean_prices_with_report(frame, source, price_column)[0]
 
-    Duplicate dates keep the last row, all-empty rows are dropped, gaps of up to MAX_FILL_DAYS rows
-    are forward-filled; non-numeric or non-positive prices are refused with the offending date.
+
+def clean_prices_with_report(
+    frame: pd.DataFrame, source: str, price_column: str = "Close"
+) -> tuple[pd.DataFrame, QualityReport]:
+    """Validate and clean a raw price frame: canonical float columns, sorted unique dates; and its report.
+
+    In:  the raw frame (dates as read, column names in any spelling), `source` for messages, and the
+         price column ("Close" or "Adj Close", canonical spelling).
+    Out: duplicate dates keep the last row, all-empty rows are dropped, gaps of up to MAX_FILL_DAYS rows
+         are forward-filled; with "Adj Close", Close becomes the adjusted close and Open/High/Low are
+         scaled by Adj Close / Close of their row. Non-numeric or non-positive prices, negative volumes
+         and longer gaps are refused with the offending date.
     """
-    frame = _canonical_columns(frame, source)
+    rows_read = len(frame)
+    frame = _canonical_columns(frame, source, price_column)
     frame.index = _parse_dates(frame.index, source)
     for column in frame.columns:
         frame[column] = _to_float(frame[column], column, source)
     frame = frame.sort_index(kind="stable")
-    frame = frame[~frame.index.duplicated(keep="last")]
-    frame = frame.dropna(how="all")
+    duplicated = frame.index.duplicated(keep="last")
+    frame = frame[~duplicated]
+    empty = frame.isna().all(axis=1)
+    frame = frame[~empty]
     if frame.empty:
         raise InputError(f"{source}: no rows with prices")
+    for column in PRICE_COLUMNS:
+        if column in frame and frame[column].isna().all():
+            raise InputError(f"{source}: the {column} column has no values")
+    holes = int(frame.isna().sum().sum())
     frame = frame.ffill(limit=MAX_FILL_DAYS)
     missing = frame.isna().any(axis=1)
     if missing.any():
@@ -125,21 +225,51 @@ def clean_prices(frame: pd.DataFrame, source: str) -> pd.DataFrame:
     if "Volume" in frame and (frame["Volume"] < 0).any():
         day = frame.index[(frame["Volume"] < 0).argmax()].date()
         raise InputError(f"{source}: negative volume on {day}")
+    if price_column == "Adj Close":
+        frame = _adjust(frame)
     frame.index.name = "Date"
-    return frame
+    moves = np.log(frame["Close"]).diff().abs() > LARGE_MOVE
+    report = QualityReport(
+        source=source,
+        rows_read=rows_read,
+        rows_kept=len(frame),
+        duplicate_dates=int(duplicated.sum()),
+        empty_rows=int(empty.sum()),
+        cells_filled=holes,  # every hole was filled, or the gap check above refused the series
+        first_date=str(frame.index[0].date()),
+        last_date=str(frame.index[-1].date()),
+        columns=tuple(frame.columns),
+        price_column=price_column,
+        large_moves=tuple(str(day.date()) for day in frame.index[moves]),
+    )
+    return frame, report
 
 
-def _canonical_columns(frame: pd.DataFrame, source: str) -> pd.DataFrame:
+def _canonical_columns(frame: pd.DataFrame, source: str, price_column: str) -> pd.DataFrame:
     names = {}
     for column in frame.columns:
-        key = str(column).strip().lower()
-        if key in ALIASES and ALIASES[key] not in names.values():
-            names[column] = ALIASES[key]
-    if "Close" not in names.values():
-        found = ", ".join(str(c) for c in frame.columns)
-        raise InputError(f"{source}: no Close column (found: {found})")
+        name = ALIASES.get(_key(column))
+        if name and name not in names.values() and (name != "Adj Close" or price_column == "Adj Close"):
+            names[column] = name
+    found = ", ".join(str(c) for c in frame.columns)
+    if price_column not in names.values():
+        raise InputError(f"{source}: no {price_column} column (found: {found})")
+    if "Close" not in names.values() and {"Open", "High", "Low"} & set(names.values()):
+        raise InputError(f"{source}: no Close column to scale Open/High/Low by Adj Close / Close (found: {found})")
     frame = frame[list(names)].rename(columns=names)
-    return frame[[c for c in COLUMNS if c in frame.columns]].copy()
+    return frame[[c for c in (*COLUMNS, "Adj Close") if c in frame.columns]].copy()
+
+
+def _adjust(frame: pd.DataFrame) -> pd.DataFrame:
+    """Close := Adj Close; Open/High/Low times Adj Close / Close of their row, so each bar keeps its shape."""
+    adjusted = frame.pop("Adj Close")
+    if "Close" in frame:
+        factor = adjusted / frame["Close"]
+        for column in ("Open", "High", "Low"):
+            if column in frame:
+                frame[column] = frame[column] * factor
+    frame["Close"] = adjusted
+    return frame[[c for c in COLUMNS if c in frame.columns]]
 
 
 def _parse_dates(index: pd.Index, source: str) -> pd.DatetimeIndex:
@@ -151,16 +281,15 @@ def _parse_dates(index: pd.Index, source: str) -> pd.DatetimeIndex:
         strings = index.astype(str).str.replace(
             r"(\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)(?:[+-]\d{2}:?\d{2}|Z)$", r"\1", regex=True
         )
-        dates = None
-        for fmt in ("ISO8601", "%m/%d/%Y"):
-            try:
-                dates = pd.to_datetime(strings, format=fmt)
-                break
-            except (ValueError, TypeError):
-                continue
+        # One format for the whole column: a day-first date such as 13/01/2024 is refused, not guessed.
+        parsed = {fmt: pd.to_datetime(strings, format=fmt, errors="coerce") for fmt in ("ISO8601", "%m/%d/%Y")}
+        dates = next((d for d in parsed.values() if d.notna().all()), None)
         if dates is None:
-            bad = next((v for v in strings if pd.to_datetime(v, errors="coerce") is pd.NaT), strings[0])
-            raise InputError(f"{source}: cannot read {bad!r} as a date (expected YYYY-MM-DD or MM/DD/YYYY)")
+            iso, us = (d.notna() for d in parsed.values())
+            if not (iso | us).all():
+                bad = strings[(~(iso | us)).argmax()]
+                raise InputError(f"{source}: cannot read {bad!r} as a date (expected YYYY-MM-DD or MM/DD/YYYY)")
+            raise InputError(f"{source}: dates mix formats ({strings[iso.argmax()]!r}, {strings[us.argmax()]!r})")
     if dates.tz is not None:
         # Exchange-local timestamps (e.g. 2024-01-02 00:00-05:00): keep the local calendar day.
         dates = dates.tz_localize(None)
@@ -181,15 +310,21 @@ def _to_float(column: pd.Series, name: str, source: str) -> pd.Series:
 
 def load_ticker(ticker: str, cache_dir: Path) -> pd.DataFrame:
     """Download `ticker` with yfinance into the cache; offline or refused, fall back to the cache."""
+    return _load_ticker(ticker, cache_dir, "Close")[0]
+
+
+def _load_ticker(ticker: str, cache_dir: Path, price_column: str) -> tuple[pd.DataFrame, QualityReport]:
+    # Downloads are auto-adjusted (no Adj Close column), so price_column "Adj Close" is refused here,
+    # before anything is written to the cache.
     path = cache_path(ticker, cache_dir)
     raw, reason = download(ticker)
     if raw is not None and not raw.empty:
-        frame = clean_prices(flatten_download(raw, ticker), source=f"yfinance {ticker}")
+        frame, report = clean_prices_with_report(flatten_download(raw, ticker), f"yfinance {ticker}", price_column)
         write_atomic(frame, path)
-        return frame
+        return frame, report
     if path.is_file():
         log.warning("yfinance gave no data for %s (%s); using the cache %s", ticker, reason, path)
-        return clean_prices(read_price_csv(path), source=str(path))
+        return clean_prices_with_report(read_price_csv(path), str(path), price_column)
     raise InputError(
         f"no data for ticker {ticker!r}: yfinance returned nothing ({reason}) and there is no cache at {path}"
     )

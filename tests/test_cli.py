@@ -82,7 +82,8 @@ def test_types_lists_each_familys_search_space(capsys):
 def test_ingest_prints_a_summary_line(capsys):
     assert main(["ingest", "--ticker", "MSFT"]) == 0
     assert capsys.readouterr().out.strip() == (
-        "MSFT: 7983 rows, 1986-03-13 .. 2017-11-10, columns Open, High, Low, Close, Volume"
+        "MSFT: 7983 rows kept of 7983 read, 1986-03-13 .. 2017-11-10, columns Open, High, Low, Close, Volume; "
+        "cleaned: nothing; 1 large move flagged (1987-10-19)"
     )
 
 

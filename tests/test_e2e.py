@@ -69,6 +69,7 @@ def test_main_job_logs_one_parent_with_nested_trials(main_job):
     parent = parents[0]
     assert parent.info.status == "FINISHED"
     assert parent.data.params["model"] == "rnn" and parent.data.params["n_trials"] == "2"
+    assert parent.data.params["data_rows_kept"] == "5031" and parent.data.params["data_first_date"] == "1999-01-04"
     children = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 2
     for child in children:
