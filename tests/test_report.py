@@ -2,6 +2,8 @@
 
 import math
 import re
+import shutil
+import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -211,3 +213,35 @@ def test_claims_report_the_opposite_as_contradicted():
     tests = paired_tests(by_config(rows))
     assert direction_claim("noise up", tests, "batch_loss_noise_rel").answer == "contradicted"
     assert all(t.verdict == "better" for t in tests)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_report_renders_in_a_headless_browser_with_every_image_loaded(sweep_report, tmp_path):
+    _, _, out, _ = sweep_report
+    probe = out / "probe.html"  # the page plus a script that reports, once loaded, whether every image decoded
+    script = (
+        "<script>window.onload=()=>{const i=[...document.images];document.body.setAttribute('data-images',"
+        "i.filter(x=>x.complete&&x.naturalWidth>0).length+'/'+i.length)}</script></body>"
+    )
+    probe.write_text((out / "index.html").read_text().replace("</body>", script))
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=5000",
+    ]
+    dom = subprocess.run(
+        [CHROMIUM, *flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120
+    ).stdout
+    images = len(list(out.glob("*.png")))
+    assert f'data-images="{images}/{images}"' in dom
+    assert "<h1>Does dropout destabilise training? Sweep report</h1>" in dom
