@@ -20,6 +20,7 @@ from pipeline.config import SECTIONS, RunConfig, coerce
 from pipeline.errors import InputError, NoResultError
 from pipeline.ingest import IngestConfig, QualityReport, load_prices_with_report
 from pipeline.models import FAMILIES, PRESETS, applicable_types, check_model_config, dropout_effective
+from pipeline.stability import INSTABILITY, check_objective_config
 from pipeline.sweep import SweepConfig
 from pipeline.tune import TuneConfig, default_study_name, run_label
 from pipeline.windows import Windows, make_windows
@@ -47,6 +48,7 @@ HELP = {
     "threads": "torch threads per process",
     "penalty": "λ in objective = mean + λ·std of validation losses",
     "last_k": "epochs per seed entering the objective",
+    "instability": f"the objective's instability term: {', '.join(INSTABILITY)}",
     "n_trials": "Optuna trials to run",
     "study_name": "Optuna study name; an existing name resumes that study",
     "storage": "Optuna storage URL (default: sqlite:///optuna.db here)",
@@ -141,6 +143,7 @@ def load_data(cfg: RunConfig) -> tuple[Windows, QualityReport]:
 
 def prepare(cfg: RunConfig) -> tuple[Windows, QualityReport]:
     check_model_config(cfg.model)
+    check_objective_config(cfg.objective)
     return load_data(cfg)
 
 
@@ -237,6 +240,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     sweep_cfg = SweepConfig(**{k: v for k, v in options.items() if k in sweep_names})
     cfg = RunConfig().with_options({k: v for k, v in options.items() if k not in sweep_names})
     points = grid(sweep_cfg, cfg.model)  # refuses unknown families, types and rates before anything runs
+    check_objective_config(cfg.objective)
     data, quality = load_data(cfg)
     uri = configure_tracking()
     name = f"sweep-{'-'.join(families(cfg.model.model))}-{datetime.now():%Y%m%d-%H%M%S}"

@@ -10,6 +10,9 @@ pooled together (K = `last_k`, fewer if a seed stopped earlier) and λ = `penalt
 
     objective = mean(V) + λ · std(V)
 
+`instability` can swap std(V) for another measure of `summarize` (e.g. seed_spread_best_val or
+batch_loss_noise_rel): objective = mean(V) + λ · that measure.
+
 A config whose validation loss is low but jumps between epochs or between seeds pays for it.
 """
 
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.errors import InputError
 from pipeline.train import SeedRun
 
 
@@ -27,8 +31,20 @@ from pipeline.train import SeedRun
 class ObjectiveConfig:
     """The loss-variance-penalised objective."""
 
-    penalty: float = 1.0  # λ: weight of the spread of validation losses
+    penalty: float = 1.0  # λ: weight of the instability term
     last_k: int = 5  # epochs per seed whose validation losses enter the objective
+    instability: str = "val_loss_std"  # the instability term: one of INSTABILITY
+
+
+# Measures (keys of `summarize`) the objective's penalty can use instead of the spread of V.
+INSTABILITY = ("val_loss_std", "seed_spread_best_val", "epoch_jitter", "batch_loss_noise_rel", "grad_noise_cv")
+
+
+def check_objective_config(cfg: ObjectiveConfig) -> None:
+    if cfg.instability not in INSTABILITY:
+        raise InputError(f"unknown instability measure {cfg.instability!r}: choose one of {', '.join(INSTABILITY)}")
+    if cfg.last_k < 1:
+        raise InputError(f"last_k must be at least 1, got {cfg.last_k}")
 
 
 @dataclass(frozen=True)
@@ -139,4 +155,6 @@ def summarize(runs: Sequence[SeedRun], cfg: ObjectiveConfig, naive_val_loss: flo
     }
     if within:  # only seeds whose validation curve was not flat
         metrics["epochs_to_within_1pct"] = float(np.mean(within))
+    # The default (val_loss_std) is exactly mean(V) + λ·std(V); other measures swap in their own spread.
+    metrics["objective"] = score.val_mean + cfg.penalty * metrics[cfg.instability]
     return metrics

@@ -23,6 +23,9 @@ BAD_INPUT = [
     (["train", "--dropout-type", "builtin", "--dropout-rate", "0.3"], "needs num_layers >= 2"),
     (["train", "--config", "/no/such/config.yaml"], "config file not found: /no/such/config.yaml"),
     (["tune", "--n-trials", "0"], "n_trials must be at least 1, got 0"),
+    (["tune", "--instability", "wobble"], "unknown instability measure 'wobble'"),
+    (["sweep", "--model", "cnn", "--types", "zoneout"], "does not apply to the cnn family"),
+    (["sweep", "--seeds", "1", "--model", "xyz"], "unknown model 'xyz': choose one of rnn, lstm, cnn, or all"),
     (["ingest", "--ticker", "../../etc/passwd"], "invalid ticker '../../etc/passwd'"),
 ]
 

@@ -4,9 +4,11 @@ import math
 
 import pytest
 
+from pipeline.errors import InputError
 from pipeline.stability import (
     ObjectiveConfig,
     batch_loss_noise,
+    check_objective_config,
     coefficient_of_variation,
     convergence,
     epoch_jitter,
@@ -142,3 +144,18 @@ def test_summarize_on_hand_made_runs():
     assert m["best_val_vs_naive"] == pytest.approx(0.6 / 0.75)
     assert m["val_flat_fraction"] == 0.0
     assert m["epochs_to_within_1pct"] == pytest.approx(2.0)
+
+
+def test_objective_can_penalise_another_instability_measure():
+    a = FakeRun(val=[1.0, 0.5, 0.6], train=[2.0, 1.0, 0.8], batch_losses=[1.0, 1.0, 1.0], grad_norms=[1.0, 3.0])
+    b = FakeRun(val=[0.9, 0.7, 0.7], train=[1.0, 0.9, 0.5], batch_losses=[2.0, 2.0, 2.0], grad_norms=[2.0, 2.0])
+    cfg = ObjectiveConfig(penalty=2.0, last_k=2, instability="seed_spread_best_val")
+    m = summarize([a, b], cfg, naive_val_loss=1.0)
+    assert m["objective"] == pytest.approx(m["val_loss_mean"] + 2.0 * 0.1)  # best vals 0.5, 0.7: spread 0.1
+    default = summarize([a, b], ObjectiveConfig(penalty=2.0, last_k=2), naive_val_loss=1.0)
+    assert default["objective"] == pytest.approx(default["val_loss_mean"] + 2.0 * default["val_loss_std"])
+
+
+def test_unknown_instability_measure_is_refused():
+    with pytest.raises(InputError, match="unknown instability measure 'wobble': choose one of val_loss_std, "):
+        check_objective_config(ObjectiveConfig(instability="wobble"))
