@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from pipeline.recurrent_loop import Recurrence
+
 
 def dropout_mask(like: torch.Tensor, shape: tuple[int, ...], p: float) -> torch.Tensor:
     """A Bernoulli(1-p) mask of `shape`, scaled by 1/(1-p), with `like`'s dtype and device.
@@ -104,8 +106,10 @@ class WeightDrop(nn.Module):
 class LoopRecurrent(nn.Module):
     """A one-layer Elman RNN or LSTM run step by step, for dropout that acts inside the recurrence.
 
-    It owns an `nn.RNN`/`nn.LSTM` (same parameter names, so the state dict matches the fused model)
-    and computes the input projection for all steps in one matmul; only h(t-1) @ W_hh runs per step.
+    It owns an `nn.RNN`/`nn.LSTM` (same parameter names, so the state dict matches the fused model).
+    The recurrence is `pipeline.recurrent_loop.Recurrence`, an autograd Function with a hand-written
+    backward: the input projection for all steps is one matmul, only h(t-1) @ W_hh and the cell's
+    element-wise update run per step.
 
     - `recurrent`: Gal & Ghahramani (2016)'s recurrent mask, what Keras calls `recurrent_dropout`: the
       hidden state h(t-1) fed back at each step is multiplied by a mask drawn once per sequence
@@ -131,47 +135,16 @@ class LoopRecurrent(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         m = self.module
         batch, steps, _ = x.shape
-        hidden = m.hidden_size
-        # (T, B, G): the input projection and both biases for every step in one matmul (G = H or 4H),
-        # time-major so that each step reads a contiguous slice.
-        projected = F.linear(x, m.weight_ih_l0, m.bias_ih_l0 + m.bias_hh_l0).transpose(0, 1).contiguous()
-        w_hh_t = m.weight_hh_l0.t()  # (H, G)
-        drop = self.training and self.p > 0
-        # Random draws for all steps at once: one RNG call instead of one per step.
-        recurrent_mask = dropout_mask(x, (batch, hidden), self.p) if drop and self.kind == "recurrent" else None
-        zoned = None  # (T, B, H) or, for the LSTM's h and c, (T, B, 2H): True where a unit keeps its old value
-        if drop and self.kind == "zoneout":
-            zoned = torch.rand(steps, batch, hidden * (2 if self.lstm else 1), device=x.device) < self.p
-        h = x.new_zeros(batch, hidden)
-        c = x.new_zeros(batch, hidden)
-        outputs = []
-        for t in range(steps):
-            fed_back = h if recurrent_mask is None else h * recurrent_mask  # (B, H), same mask every step
-            gates = torch.addmm(projected[t], fed_back, w_hh_t)  # (B, G)
-            if self.lstm:
-                i, f, g, o = gates.chunk(4, dim=1)
-                c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                h_new = torch.sigmoid(o) * torch.tanh(c_new)
-                if self.kind == "zoneout":
-                    c = self._zoneout(c, c_new, None if zoned is None else zoned[t, :, hidden:])
-                else:
-                    c = c_new
-            else:
-                h_new = torch.tanh(gates)
-            h = (
-                self._zoneout(h, h_new, None if zoned is None else zoned[t, :, :hidden])
-                if self.kind == "zoneout"
-                else h_new
-            )
-            outputs.append(h)
-        return torch.stack(outputs, dim=1), None  # (B, T, H)
-
-    def _zoneout(self, old: torch.Tensor, new: torch.Tensor, zoned: torch.Tensor | None) -> torch.Tensor:
-        if zoned is not None:  # training: an exact copy of `old` where zoned, not old + (new - old) * 0
-            return torch.where(zoned, old, new)
-        if self.training or self.p == 0:
-            return new
-        return self.p * old + (1 - self.p) * new  # eval: the expectation
+        recurrent_mask, keep = None, None  # as `Recurrence` takes them
+        if self.p > 0 and self.kind == "recurrent" and self.training:
+            recurrent_mask = dropout_mask(x, (batch, m.hidden_size), self.p)
+        elif self.p > 0 and self.kind == "zoneout":
+            # Training: True where a unit (of h, and of the LSTM's c) keeps its old value, every step drawn in
+            # one RNG call. Eval: the expectation p * old + (1 - p) * new.
+            width = m.hidden_size * (2 if self.lstm else 1)
+            keep = torch.rand(steps, batch, width, device=x.device) < self.p if self.training else self.p
+        bias = m.bias_ih_l0 + m.bias_hh_l0
+        return Recurrence.apply(x, m.weight_ih_l0, bias, m.weight_hh_l0, self.lstm, recurrent_mask, keep), None
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, p={self.p}"

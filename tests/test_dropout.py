@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.dropout import LockedDropout, LoopRecurrent, SpatialDropout, WeightDrop, dropout_mask
+from pipeline.recurrent_loop import Recurrence
 
 
 def assert_binomial(fraction: float, p: float, n: int, sigmas: float = 4.0) -> None:
@@ -385,6 +386,95 @@ def test_loop_recurrent_refuses_bad_arguments() -> None:
 def test_loop_recurrent_state_dict_matches_fused_module() -> None:
     loop = make_loop(nn.LSTM, "zoneout", 0.5)
     assert list(loop.state_dict()) == [f"module.{key}" for key in nn.LSTM(5, 8, batch_first=True).state_dict()]
+
+
+# ---------------------------------------------------------------------------------------------- Recurrence (backward)
+
+
+def reference_loop(
+    module: nn.RNNBase, x: torch.Tensor, fed_mask: torch.Tensor | None, keep: torch.Tensor | float | None
+) -> torch.Tensor:
+    """The recurrence of `Recurrence`, step by step with plain autograd: (B, T, F) -> (B, T, H)."""
+    lstm, hidden = isinstance(module, nn.LSTM), module.hidden_size
+    h = c = x.new_zeros(x.size(0), hidden)
+    outputs = []
+    for t in range(x.size(1)):
+        fed = h if fed_mask is None else h * fed_mask
+        if lstm:
+            h_new, c_new = lstm_step(module, x[:, t], fed, c)
+        else:
+            h_new, c_new = rnn_step(module, x[:, t], fed), c
+        if isinstance(keep, torch.Tensor):  # (T, B, S): h's units, then the LSTM's c's
+            h = torch.where(keep[t, :, :hidden], h, h_new)
+            c = torch.where(keep[t, :, hidden:], c, c_new) if lstm else c_new
+        elif keep is not None:
+            h, c = keep * h + (1 - keep) * h_new, keep * c + (1 - keep) * c_new
+        else:
+            h, c = h_new, c_new
+        outputs.append(h)
+    return torch.stack(outputs, dim=1)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("mode", ["plain", "recurrent", "zoneout", "zoneout_eval"])
+def test_recurrence_gradcheck(cell: type[nn.RNNBase], mode: str) -> None:
+    """The hand-written backward against finite differences, for x and every weight (float64)."""
+    torch.manual_seed(0)
+    lstm = cell is nn.LSTM
+    batch, steps, features, hidden = 3, 4, 2, 3
+    gates, width = (4 * hidden, 2 * hidden) if lstm else (hidden, hidden)
+    shapes = [(batch, steps, features), (gates, features), (gates,), (gates, hidden)]
+    inputs = [torch.randn(shape, dtype=torch.float64, requires_grad=True) for shape in shapes]  # x, w_ih, bias, w_hh
+    fed_mask = dropout_mask(inputs[0], (batch, hidden), 0.5) if mode == "recurrent" else None
+    keep = {"zoneout": torch.rand(steps, batch, width) < 0.5, "zoneout_eval": 0.3}.get(mode)
+    if mode == "recurrent":
+        assert 0 < int((fed_mask == 0).sum()) < fed_mask.numel()
+    if mode == "zoneout":
+        assert 0 < int(keep.sum()) < keep.numel()
+    assert torch.autograd.gradcheck(lambda *args: Recurrence.apply(*args, lstm, fed_mask, keep), inputs)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("kind", ["recurrent", "zoneout"])
+@pytest.mark.parametrize("training", [True, False])
+def test_loop_gradients_match_plain_autograd(
+    cell: type[nn.RNNBase], kind: str, training: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outputs and gradients of every parameter and of the input equal those of `reference_loop` run with
+    the same masks (recorded on their way into `Recurrence`)."""
+    loop = make_loop(cell, kind, 0.4).double().train(training)
+    seen = {}
+    apply = Recurrence.apply
+
+    def recording_apply(*args):
+        seen["fed_mask"], seen["keep"] = args[-2:]
+        return apply(*args)
+
+    monkeypatch.setattr(Recurrence, "apply", recording_apply)
+    x = torch.randn(6, 9, 5, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(6, 9, 8, dtype=torch.float64)  # dL/d output
+    out = loop(x)[0]
+    if training:
+        masked = seen["fed_mask"] if kind == "recurrent" else seen["keep"]
+        assert isinstance(masked, torch.Tensor) and 0 < int((masked == 0).sum()) < masked.numel()
+    parameters = [x, *loop.module.parameters()]
+    grads = torch.autograd.grad((out * upstream).sum(), parameters)
+    expected = reference_loop(loop.module, x, seen["fed_mask"], seen["keep"])
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), parameters)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    names = ["x", *dict(loop.module.named_parameters())]
+    for name, grad, expected_grad in zip(names, grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_loop_exports_and_the_exported_graph_runs_with_grad_enabled(cell: type[nn.RNNBase]) -> None:
+    """MLflow logs models through torch.export, which traces `Recurrence.forward` into a graph; that graph is
+    then run with grad mode on, where autograd refuses in-place ops on views of tensors that need grad."""
+    loop = make_loop(cell, "zoneout", 0.3).eval()
+    x = torch.randn(3, 4, 5)
+    exported = torch.export.export(loop, (x,)).module()
+    assert torch.equal(exported(x)[0], loop(x)[0])
 
 
 # ---------------------------------------------------------------------------------------------- recurrent_shared
