@@ -11,8 +11,8 @@ Leakage rules (each one tested):
 - The scaler is fitted on the train part only (fitting it on the whole series leaks the future).
 - The split depends only on the data and fractions, never on a seed; only the order of training
   batches is shuffled (in `train`).
-Windows are views of one array (`Tensor.unfold`): memory stays O(rows × features), and a batch is
-gathered only when it is used.
+Windows are views of one (feature-major) array (`Tensor.unfold`): memory stays O(rows × features), and a
+batch is gathered only when it is used.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def make_features(prices: pd.DataFrame) -> pd.DataFrame:
 class Windows:
     """Scaled features plus the sample starts of each split. Target = scaled `close` of the next row."""
 
-    features: torch.Tensor  # (N, F) float32, scaled with train-part statistics
+    features: torch.Tensor  # (N, F) float32, scaled with train-part statistics (a view of feature-major storage)
     starts: dict[str, torch.Tensor]  # split -> (S,) int64 first row of each sample's window
     window: int
     feature_names: list[str]
@@ -66,16 +66,22 @@ class Windows:
     scaler: StandardScaler  # fitted on the train part's rows only
 
     def __post_init__(self) -> None:
-        # (N - window + 1, window, F): a view, no copy.
-        self._view = self.features.unfold(0, self.window, 1).transpose(1, 2)
+        # Stored feature-major, (F, N): each window of one feature is then a contiguous run of `window`
+        # floats, which makes gathering a batch ~3x faster than from (N, F). `features` stays the (N, F)
+        # view of that one storage (writes to it are seen by every window), and the windows are a view
+        # of it too: (N - window + 1, F, window), no copy.
+        self._by_feature = self.features.t().contiguous()
+        self.features = self._by_feature.t()
+        self._view = self._by_feature.unfold(1, self.window, 1).transpose(0, 1)
 
     @property
     def n_features(self) -> int:
         return self.features.shape[1]
 
     def inputs(self, starts: torch.Tensor) -> torch.Tensor:
-        """(S,) starts -> (S, window, F) inputs (gathered from the view)."""
-        return self._view[starts]
+        """(S,) starts -> (S, window, F) inputs, gathered from the view; laid out (S, F, window) in memory,
+        which the CNN uses as it is and the recurrent models make (S, window, F)-contiguous."""
+        return self._view.index_select(0, starts).transpose(1, 2)
 
     def targets(self, starts: torch.Tensor) -> torch.Tensor:
         """(S,) starts -> (S,) scaled next-day close returns."""

@@ -242,7 +242,7 @@ def test_k10_changing_the_last_train_price_does_change_the_scaler():
 def test_inputs_are_gathered_from_a_view(gspc_windows):
     w = gspc_windows
     n, f = w.features.shape
-    assert w._view.shape == (n - 30 + 1, 30, f)
+    assert w._view.shape == (n - 30 + 1, f, 30)
     assert w._view.untyped_storage().data_ptr() == w.features.untyped_storage().data_ptr()
     assert w._view.untyped_storage().nbytes() == n * f * 4  # no (N, window, F) copy behind it
     starts = w.starts["train"]
