@@ -188,6 +188,22 @@ def vote(claim: str, supporting: int, contradicting: int, evidence: str) -> Clai
     return Claim(claim, "not detectable with this budget", evidence)
 
 
+def spread_claim(spreads: list[tuple[str, str, float, float, float, float]]) -> Claim:
+    """'Dropout widens the spread across seeds' from the Levene tests of `spread_tests`, BH-corrected."""
+    claim = "Dropout widens the spread of the best validation loss across seeds"
+    spreads = [s for s in spreads if s[1] != "builtin_1layer"]
+    if not spreads:
+        return Claim(claim, "not tested", "no dropout config was compared with none")
+    q = benjamini_hochberg([s[5] for s in spreads])
+    wider = sum(qq < ALPHA and s[3] > s[4] for s, qq in zip(spreads, q, strict=True))
+    narrower = sum(qq < ALPHA and s[3] < s[4] for s, qq in zip(spreads, q, strict=True))
+    evidence = (
+        f"{wider} of {len(spreads)} type×rate configs significantly wider than none, {narrower} narrower "
+        f"(Levene test on the seeds' best validation losses, BH q < {ALPHA})"
+    )
+    return vote(claim, wider, narrower, evidence)
+
+
 def relative_effects(
     grouped: dict, family: str, kinds: Sequence[str], measure: str
 ) -> dict[tuple[str, float], list[float]]:
@@ -398,6 +414,7 @@ def sweep_report(rows: list[dict], records: list[dict], out: Path) -> list[Path]
         direction_claim("Dropout increases the noise of the training loss", tests, "batch_loss_noise_rel"),
         direction_claim("Dropout slows convergence (later best epoch)", tests, "best_epoch_mean"),
         direction_claim("Dropout makes validation loss jump more between epochs", tests, "epoch_jitter"),
+        spread_claim(spread_tests(grouped)),
         rnn_vs_cnn_claim(grouped),
         rate_claim(grouped),
         builtin_claim(records),

@@ -27,6 +27,8 @@ from pipeline.report import (
     paired_tests,
     rate_claim,
     rnn_vs_cnn_claim,
+    spread_claim,
+    spread_tests,
 )
 from pipeline.sweep import SweepConfig, grid, run_sweep
 from pipeline.tracking import tracked_run
@@ -245,3 +247,20 @@ def test_report_renders_in_a_headless_browser_with_every_image_loaded(sweep_repo
     images = len(list(out.glob("*.png")))
     assert f'data-images="{images}/{images}"' in dom
     assert "<h1>Does dropout destabilise training? Sweep report</h1>" in dom
+
+
+def test_spread_claim_counts_significantly_wider_configs():
+    # none: seeds' best val losses tightly together; standard: widely spread; spatial: as tight as none.
+    rows = []
+    for seed in range(8):
+        for kind, rate, value in (
+            ("none", 0.0, 1.0 + 0.001 * seed),
+            ("standard", 0.5, 1.0 + 0.1 * seed),
+            ("spatial", 0.5, 1.0 + 0.001 * (7 - seed)),
+        ):
+            rows.append(
+                {"family": "rnn", "type": kind, "rate": rate, "seed": float(seed), **dict.fromkeys(MEASURES, value)}
+            )
+    claim = spread_claim(spread_tests(by_config(rows)))
+    assert claim.answer == "supported"
+    assert claim.evidence.startswith("1 of 2 type×rate configs significantly wider than none, 0 narrower")

@@ -142,3 +142,13 @@ def test_study_report_shows_trials_and_optuna_plots(finished_study, tmp_path):
     assert "Trials by objective" in text
     assert f"{result.study.best_value:.4f}" in text  # the best trial's objective heads the table
     assert {f"report/{f.name}" for f in files} == {a.path for a in client.list_artifacts(parent_id, "report")}
+
+
+def test_search_space_is_exactly_the_familys_applicable_types(finished_study):
+    from pipeline.models import applicable_types
+
+    _, result, _, _ = finished_study
+    for trial in result.study.trials:
+        assert trial.distributions["dropout_type"].choices == applicable_types("rnn", num_layers=1)
+        if trial.params["dropout_type"] != "none":
+            assert trial.distributions["dropout_rate"].low == 0.0 and trial.distributions["dropout_rate"].high == 0.6
