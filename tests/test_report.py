@@ -17,10 +17,13 @@ from pipeline.cli import main
 from pipeline.config import RunConfig
 from pipeline.errors import InputError
 from pipeline.models import ModelConfig
-from pipeline.report import (
+from pipeline.report import build_report
+from pipeline.sweep import SweepConfig, grid, run_sweep
+from pipeline.tracking import tracked_run
+from pipeline.train import SeedRun, TrainConfig
+from pipeline.verdicts import (
     MEASURES,
     benjamini_hochberg,
-    build_report,
     by_config,
     direction_claim,
     paired_effect,
@@ -30,9 +33,6 @@ from pipeline.report import (
     spread_claim,
     spread_tests,
 )
-from pipeline.sweep import SweepConfig, grid, run_sweep
-from pipeline.tracking import tracked_run
-from pipeline.train import SeedRun, TrainConfig
 
 
 def test_paired_effect_by_hand():
