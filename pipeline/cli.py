@@ -22,6 +22,7 @@ from pipeline.ingest import IngestConfig, QualityReport, load_prices_with_report
 from pipeline.models import FAMILIES, PRESETS, applicable_types, check_model_config, dropout_effective
 from pipeline.stability import INSTABILITY, check_objective_config
 from pipeline.sweep import SweepConfig
+from pipeline.train import check_train_config
 from pipeline.tune import TuneConfig, default_study_name, run_label
 from pipeline.windows import Windows, make_windows
 
@@ -143,6 +144,7 @@ def load_data(cfg: RunConfig) -> tuple[Windows, QualityReport]:
 
 def prepare(cfg: RunConfig) -> tuple[Windows, QualityReport]:
     check_model_config(cfg.model)
+    check_train_config(cfg.train)
     check_objective_config(cfg.objective)
     return load_data(cfg)
 
@@ -207,8 +209,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     if cfg.model.dropout_type != "none" and not dropout_effective(cfg.model):
         print(
-            f"warning: {run_label(cfg.model)} applies no dropout (PyTorch's RNN dropout acts only between "
-            "stacked layers); its run is tagged dropout_effective=false",
+            f"warning: this config ({run_label(cfg.model)}) applies no dropout: PyTorch's RNN dropout acts "
+            "only between stacked layers; its run is tagged dropout_effective=false",
             file=sys.stderr,
         )
     with tracked_run(run_label(cfg.model), tags=tags) as run:
@@ -241,6 +243,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     cfg = RunConfig().with_options({k: v for k, v in options.items() if k not in sweep_names})
     points = grid(sweep_cfg, cfg.model)  # refuses unknown families, types and rates before anything runs
     check_objective_config(cfg.objective)
+    check_train_config(cfg.train)
     data, quality = load_data(cfg)
     uri = configure_tracking()
     name = f"sweep-{'-'.join(families(cfg.model.model))}-{datetime.now():%Y%m%d-%H%M%S}"

@@ -135,14 +135,14 @@ def page(title: str, sections: list[str]) -> str:
     )
 
 
-def naive_banner(rows: list[dict]) -> str:
+def naive_banner(rows: list[dict], unit: str) -> str:
     """A prominent warning when the models do not beat the zero-return forecast on validation."""
     ratios = [float(r["best_val_vs_naive"]) for r in rows]
     beaten = sum(r < 1 for r in ratios)
     if beaten > len(ratios) / 2:
-        return f"<p>{beaten} of {len(ratios)} trained models beat the naive zero-return forecast on validation.</p>"
+        return f"<p>{beaten} of {len(ratios)} {unit} beat the naive zero-return forecast on validation.</p>"
     return (
-        f"<p class='warn'>Only {beaten} of {len(ratios)} trained models (config × seed) beat the naive "
+        f"<p class='warn'>{beaten} of {len(ratios)} {unit} beat the naive "
         "zero-return forecast on validation (best validation loss / naive loss: median "
         f"{np.median(ratios):.3f}). The stability measured here is that of models that learn little or "
         "nothing; treat it as a weaker answer.</p>"
@@ -170,7 +170,7 @@ def sweep_report(rows: list[dict], records: list[dict], out: Path) -> list[Path]
         f"<p>Seeds per config: {len(seeds)}; epochs per seed: {min(epochs)}..{max(epochs)} (early stopping). "
         "Every comparison is paired by seed against <code>none</code> of the same family (same initial weights "
         "and batch order). Definitions: docs/metrics.md.</p>",
-        naive_banner(rows),
+        naive_banner(rows, "trained models (config × seed)"),
         "<h2>The article's claims</h2>",
         _table(["claim", "answer", "evidence"], [(c.claim, c.answer, c.evidence) for c in claims]),
     ]
@@ -251,10 +251,15 @@ def study_report(run, client, out: Path) -> list[Path]:
     trials = sorted((c for c in children if "objective" in c.data.metrics), key=lambda c: c.data.metrics["objective"])
     files: list[Path] = []
     sections = [
-        naive_banner([{"best_val_vs_naive": c.data.metrics["best_val_vs_naive"]} for c in trials])
+        naive_banner(
+            [{"best_val_vs_naive": c.data.metrics["best_val_vs_naive"]} for c in trials],
+            "completed trials (mean over each trial's seeds)",
+        )
         if trials
         else "<p class='warn'>No trial completed.</p>",
         "<h2>Trials by objective</h2>",
+        f"<p>{len(trials)} completed trials; {len(children) - len(trials)} pruned or failed trials have no "
+        "objective and are not listed. Columns are defined in docs/metrics.md.</p>",
         _table(
             [
                 "trial",

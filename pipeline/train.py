@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pipeline.errors import InputError
 from pipeline.models import ModelConfig, build_model
 from pipeline.windows import Windows
 
@@ -40,6 +41,15 @@ class TrainConfig:
     seeds: int = 3  # seeds per config; seed values are seed, seed+1, ...
     seed: int = 0
     threads: int = 1  # torch intra-op threads; one per process is fastest for these small models
+
+
+def check_train_config(cfg: TrainConfig) -> None:
+    """Refuse budgets that cannot train anything, before any run starts."""
+    for name in ("max_epochs", "batch_size", "patience", "seeds", "threads"):
+        if getattr(cfg, name) < 1:
+            raise InputError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    if not cfg.lr > 0:
+        raise InputError(f"lr must be positive, got {cfg.lr}")
 
 
 class DivergedError(RuntimeError):

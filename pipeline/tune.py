@@ -132,7 +132,7 @@ class Progress:
 
     def trial(self, number: int, label: str, outcome: str, seconds: float) -> None:
         prefix = "\r" if self.tty else ""
-        print(f"{prefix}trial {number + 1}/{self.total}  {label}: {outcome}  ({seconds:.1f}s)", file=sys.stderr)
+        print(f"{prefix}[{number + 1}/{self.total}]  {label}: {outcome}  ({seconds:.1f}s)", file=sys.stderr)
 
 
 def make_objective(cfg: RunConfig, tune_cfg: TuneConfig, data: Windows, parent_id: str, progress: Progress):

@@ -23,6 +23,10 @@ BAD_INPUT = [
     (["train", "--dropout-type", "builtin", "--dropout-rate", "0.3"], "needs num_layers >= 2"),
     (["train", "--config", "/no/such/config.yaml"], "config file not found: /no/such/config.yaml"),
     (["tune", "--n-trials", "0"], "n_trials must be at least 1, got 0"),
+    (["tune", "--seeds", "0"], "seeds must be at least 1, got 0"),
+    (["train", "--max-epochs", "0"], "max_epochs must be at least 1, got 0"),
+    (["train", "--lr", "-1"], "lr must be positive, got -1.0"),
+    (["sweep", "--max-epochs", "0"], "max_epochs must be at least 1, got 0"),
     (["tune", "--instability", "wobble"], "unknown instability measure 'wobble'"),
     (["sweep", "--model", "cnn", "--types", "zoneout"], "does not apply to the cnn family"),
     (["sweep", "--seeds", "1", "--model", "xyz"], "unknown model 'xyz': choose one of rnn, lstm, cnn, or all"),
@@ -98,7 +102,7 @@ def test_train_preset_of_the_articles_builtin_rnn_is_flagged_as_no_dropout(capsy
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     assert main(["train", "--preset", "article-rnn-builtin", "--max-epochs", "1", "--seeds", "1"]) == 0
     err = capsys.readouterr().err
-    assert "warning: rnn · builtin · p=0.30 · no effective dropout applies no dropout" in err
+    assert "warning: this config (rnn · builtin · p=0.30 · no effective dropout) applies no dropout" in err
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
     assert run.info.status == "FINISHED"
