@@ -144,9 +144,22 @@ def load_data(cfg: RunConfig) -> tuple[Windows, QualityReport]:
 
 def prepare(cfg: RunConfig) -> tuple[Windows, QualityReport]:
     check_model_config(cfg.model)
+    check_budget(cfg)
+    return load_data(cfg)
+
+
+def check_budget(cfg: RunConfig) -> None:
     check_train_config(cfg.train)
     check_objective_config(cfg.objective)
-    return load_data(cfg)
+
+
+def split_options(options: dict[str, Any], kind: type) -> tuple[Any, RunConfig]:
+    """A command's options -> its own config (`kind`) and the run config made of the rest."""
+    own = {f.name for f in dataclasses.fields(kind)}
+    return (
+        kind(**{k: v for k, v in options.items() if k in own}),
+        RunConfig().with_options({k: v for k, v in options.items() if k not in own}),
+    )
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -161,11 +174,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from pipeline.tracking import configure_tracking, log_params_once, tracked_run
     from pipeline.tune import open_study, tune
 
-    fields = option_fields(TUNE_OPTIONS, skip=NOT_TUNED)
-    options = given(args, fields)
-    tune_names = {f.name for f in dataclasses.fields(TuneConfig)}
-    tune_cfg = TuneConfig(**{k: v for k, v in options.items() if k in tune_names})
-    cfg = RunConfig().with_options({k: v for k, v in options.items() if k not in tune_names})
+    tune_cfg, cfg = split_options(given(args, option_fields(TUNE_OPTIONS, skip=NOT_TUNED)), TuneConfig)
     if tune_cfg.n_trials < 1:
         raise InputError(f"n_trials must be at least 1, got {tune_cfg.n_trials}")
     data, quality = prepare(cfg)
@@ -236,14 +245,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from pipeline.sweep import families, grid, run_sweep
     from pipeline.tracking import configure_tracking, log_params_once, tracked_run
 
-    fields = sweep_fields()
-    options = given(args, fields)
-    sweep_names = {f.name for f in dataclasses.fields(SweepConfig)}
-    sweep_cfg = SweepConfig(**{k: v for k, v in options.items() if k in sweep_names})
-    cfg = RunConfig().with_options({k: v for k, v in options.items() if k not in sweep_names})
+    sweep_cfg, cfg = split_options(given(args, sweep_fields()), SweepConfig)
     points = grid(sweep_cfg, cfg.model)  # refuses unknown families, types and rates before anything runs
-    check_objective_config(cfg.objective)
-    check_train_config(cfg.train)
+    check_budget(cfg)
     data, quality = load_data(cfg)
     uri = configure_tracking()
     name = f"sweep-{'-'.join(families(cfg.model.model))}-{datetime.now():%Y%m%d-%H%M%S}"
