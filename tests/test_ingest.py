@@ -1,11 +1,16 @@
-"""Stage 1 (ingest): shipped files, CSV layouts, yfinance shapes (K1, K2), empty answers and the cache (K3).
+"""Stage 1 (ingest): shipped files, CSV layouts, yfinance shapes (K1, K2), empty answers and the cache (K3),
+retries, cache metadata and incremental refresh, CSVs stored in the cache, split columns, the quality record.
 
-Only the network call `yfinance.download` is replaced; everything else runs for real on files in tmp_path.
+Only the network call `yfinance.download` is replaced (and `time.sleep`, so that retries do not wait);
+everything else runs for real on files in tmp_path.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +19,20 @@ import pytest
 import yfinance
 
 from pipeline import ingest
+from pipeline.cli import main
 from pipeline.errors import InputError
 from pipeline.ingest import (
     MAX_FILL_DAYS,
     IngestConfig,
+    QualityReport,
     cache_path,
     clean_prices,
+    clean_prices_with_report,
     flatten_download,
     load_prices,
+    load_prices_with_report,
     load_ticker,
+    read_cache_meta,
     read_price_csv,
     write_atomic,
 )
@@ -55,28 +65,41 @@ def empty_download() -> pd.DataFrame:
 
 
 class FakeDownload:
-    """Stands in for `yfinance.download`: returns a frame, or raises, and records its calls."""
+    """Stands in for `yfinance.download`: gives its answers in turn (the last one repeats) and records its calls.
 
-    def __init__(self, result: pd.DataFrame | None = None, exc: Exception | None = None) -> None:
-        self.result = result
-        self.exc = exc
+    An answer is a frame to return or an exception to raise.
+    """
+
+    def __init__(self, answers: list[pd.DataFrame | Exception]) -> None:
+        self.answers = answers
         self.calls: list[tuple[tuple, dict]] = []
 
     def __call__(self, *args, **kwargs):
         self.calls.append((args, kwargs))
-        if self.exc is not None:
-            raise self.exc
-        return self.result
+        answer = self.answers[min(len(self.calls), len(self.answers)) - 1]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
 
 @pytest.fixture
 def fake_download(monkeypatch):
-    def install(result: pd.DataFrame | None = None, exc: Exception | None = None) -> FakeDownload:
-        fake = FakeDownload(result, exc)
+    def install(
+        result: pd.DataFrame | None = None, exc: Exception | None = None, answers: list | None = None
+    ) -> FakeDownload:
+        fake = FakeDownload(answers or [exc if exc is not None else result])
         monkeypatch.setattr(yfinance, "download", fake)
         return fake
 
     return install
+
+
+@pytest.fixture(autouse=True)
+def sleeps(monkeypatch) -> list[float]:
+    """Retries wait with time.sleep: record the waits instead of waiting."""
+    waits: list[float] = []
+    monkeypatch.setattr(ingest.time, "sleep", waits.append)
+    return waits
 
 
 def write(path: Path, text: str) -> Path:
@@ -181,7 +204,7 @@ def test_k1_load_ticker_writes_readable_cache(tmp_path, fake_download):
     assert fake.calls[0][0][0] == "TEST"
     check_clean(frame, COLUMNS)
     assert frame.loc["2024-01-08", "Close"] == 103.1
-    assert all_files(tmp_path) == ["cache/TEST.csv"]  # no temp file left over
+    assert all_files(tmp_path) == ["cache/TEST.csv", "cache/TEST.json"]  # no temp file left over
     cached = parse(cache_dir / "TEST.csv")
     check_clean(cached, COLUMNS)
     np.testing.assert_array_equal(cached.to_numpy(), frame.to_numpy())
@@ -201,7 +224,7 @@ def test_load_prices_unshipped_ticker_uses_data_dir_cache(tmp_path, fake_downloa
     fake_download(k1_frame())
     frame = load_prices(IngestConfig(ticker="TEST"), data_dir=tmp_path)
     assert frame.loc["2024-01-08", "Close"] == 103.1
-    assert (tmp_path / "cache" / "TEST.csv").is_file()
+    assert all_files(tmp_path) == ["cache/TEST.csv", "cache/TEST.json"]
 
 
 # --- K2: yfinance's CSV layouts --------------------------------------------------------------
@@ -248,24 +271,59 @@ def test_k2_plain_read_csv_would_give_strings(tmp_path):
     assert parse(path)["Close"].dtype == np.float64
 
 
-# --- K3: empty answers and the cache ---------------------------------------------------------
+# --- K3: empty answers and the cache, with bounded retries -----------------------------------
+
+EMPTY_REASON = "empty answer: offline, unknown or delisted ticker"
 
 
-def test_k3_empty_download_without_cache_fails_cleanly(tmp_path, fake_download):
-    fake_download(empty_download())
+def test_k3_empty_download_without_cache_fails_cleanly(tmp_path, fake_download, sleeps):
+    fake = fake_download(empty_download())
     with pytest.raises(InputError) as err:
         load_ticker("NOPE", tmp_path / "cache")
-    message = str(err.value)
-    assert "'NOPE'" in message
-    assert "no cache" in message
-    assert "\n" not in message
+    assert str(err.value) == (
+        f"no data for ticker 'NOPE': yfinance returned nothing in 3 attempts (last: {EMPTY_REASON}) "
+        f"and there is no cache at {tmp_path / 'cache' / 'NOPE.csv'}"
+    )
+    assert len(fake.calls) == 3  # an empty answer may be a rate limit: retried
+    assert sleeps == [0.5, 1.0]  # exponential backoff between the attempts, none after the last
     assert all_files(tmp_path) == []  # neither a cache file nor a temp file
 
 
 def test_k3_fully_empty_dataframe_without_cache(tmp_path, fake_download):
-    fake_download(pd.DataFrame())
+    fake = fake_download(pd.DataFrame())
     with pytest.raises(InputError, match="no data for ticker 'NOPE'"):
         load_prices(IngestConfig(ticker="NOPE"), data_dir=tmp_path)
+    assert len(fake.calls) == 3
+    assert all_files(tmp_path) == []
+
+
+def test_retry_after_two_exceptions_succeeds_on_the_third_call(tmp_path, fake_download, sleeps):
+    rate_limited = yfinance.exceptions.YFRateLimitError()
+    fake = fake_download(answers=[rate_limited, ConnectionError("reset by peer"), k1_frame()])
+    frame = load_ticker("TEST", tmp_path / "cache")
+    assert len(fake.calls) == 3
+    assert [call[0][0] for call in fake.calls] == ["TEST", "TEST", "TEST"]
+    assert sleeps == [0.5, 1.0]
+    assert frame.loc["2024-01-08", "Close"] == 103.1
+    assert all_files(tmp_path) == ["cache/TEST.csv", "cache/TEST.json"]
+
+
+def test_retry_stops_at_the_first_answer_with_rows(tmp_path, fake_download, sleeps):
+    fake = fake_download(answers=[empty_download(), k1_frame()])
+    assert len(load_ticker("TEST", tmp_path / "cache")) == 5
+    assert len(fake.calls) == 2
+    assert sleeps == [0.5]
+
+
+def test_retries_exhausted_by_exceptions_names_the_last_reason(tmp_path, fake_download):
+    fake = fake_download(answers=[empty_download(), ConnectionError("network is unreachable")])
+    with pytest.raises(InputError) as err:
+        load_ticker("TEST", tmp_path / "cache")
+    assert str(err.value) == (
+        "no data for ticker 'TEST': yfinance returned nothing in 3 attempts "
+        f"(last: ConnectionError: network is unreachable) and there is no cache at {tmp_path / 'cache' / 'TEST.csv'}"
+    )
+    assert len(fake.calls) == 3
     assert all_files(tmp_path) == []
 
 
@@ -273,20 +331,21 @@ def test_k3_empty_download_uses_existing_cache_with_warning(tmp_path, fake_downl
     cache_dir = tmp_path / "cache"
     fake_download(k1_frame())
     fresh = load_ticker("TEST", cache_dir)
-    before = (cache_dir / "TEST.csv").read_bytes()
+    before = {name: (cache_dir / name).read_bytes() for name in ("TEST.csv", "TEST.json")}
 
-    fake_download(empty_download())
+    fake = fake_download(empty_download())
     with caplog.at_level(logging.WARNING, logger="pipeline.ingest"):
         cached = load_ticker("TEST", cache_dir)
     pd.testing.assert_frame_equal(cached, fresh, check_index_type=False)
     assert cached.loc["2024-01-08", "Close"] == 103.1
+    assert len(fake.calls) == 3
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "pipeline.ingest"]
-    assert len(warnings) == 1
-    assert "TEST" in warnings[0].getMessage()
-    assert "using the cache" in warnings[0].getMessage()
-    # The cache is neither overwritten by the empty answer nor lost.
-    assert (cache_dir / "TEST.csv").read_bytes() == before
-    assert all_files(tmp_path) == ["cache/TEST.csv"]
+    assert [w.getMessage() for w in warnings] == [
+        f"yfinance gave no data for TEST in 3 attempts ({EMPTY_REASON}); using the cache {cache_dir / 'TEST.csv'}"
+    ]
+    # The cache and its metadata are neither overwritten by the empty answer nor lost.
+    assert {name: (cache_dir / name).read_bytes() for name in before} == before
+    assert all_files(tmp_path) == ["cache/TEST.csv", "cache/TEST.json"]
 
 
 def test_k3_download_exception_falls_back_to_cache(tmp_path, fake_download, caplog):
@@ -298,10 +357,13 @@ def test_k3_download_exception_falls_back_to_cache(tmp_path, fake_download, capl
     fake = fake_download(exc=yfinance.exceptions.YFRateLimitError())
     with caplog.at_level(logging.WARNING, logger="pipeline.ingest"):
         cached = load_ticker("TEST", cache_dir)
-    assert len(fake.calls) == 1
+    assert len(fake.calls) == 3
     np.testing.assert_array_equal(cached.to_numpy(), fresh.to_numpy())
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("YFRateLimitError" in m and "TEST" in m for m in messages)
+    assert messages == [
+        "yfinance gave no data for TEST in 3 attempts (YFRateLimitError: Too Many Requests. Rate limited. "
+        f"Try after a while.); using the cache {cache_dir / 'TEST.csv'}"
+    ]
     assert (cache_dir / "TEST.csv").read_bytes() == before
 
 
@@ -319,13 +381,22 @@ def test_download_restores_yfinance_log_level(fake_download):
     old = yf_log.level
     yf_log.setLevel(logging.INFO)
     try:
-        fake_download(exc=RuntimeError("boom"))
+        fake = fake_download(exc=RuntimeError("boom"))
         raw, reason = ingest.download("TEST")
         assert raw is None
         assert reason == "RuntimeError: boom"
+        assert len(fake.calls) == 3
         assert yf_log.level == logging.INFO
     finally:
         yf_log.setLevel(old)
+
+
+def test_full_download_asks_for_all_history_auto_adjusted(tmp_path, fake_download):
+    fake = fake_download(k1_frame())
+    load_ticker("TEST", tmp_path / "cache")
+    assert fake.calls == [
+        (("TEST",), {"period": "max", "auto_adjust": True, "progress": False, "threads": False}),
+    ]
 
 
 # --- cache path safety ------------------------------------------------------------------------
@@ -565,5 +636,449 @@ def test_failed_cache_write_keeps_previous_cache(tmp_path, monkeypatch, fake_dow
     with pytest.raises(OSError):
         load_ticker("TEST", cache_dir)
     assert (cache_dir / "TEST.csv").read_bytes() == before
-    assert all_files(tmp_path) == ["cache/TEST.csv"]
+    assert all_files(tmp_path) == ["cache/TEST.csv", "cache/TEST.json"]
+    assert read_cache_meta(cache_dir / "TEST.csv")["rows"] == 5  # data and metadata still agree
     assert parse(cache_dir / "TEST.csv").loc["2024-01-08", "Close"] == 103.1
+
+
+# --- cache metadata and incremental refresh ----------------------------------------------------
+
+
+def yf_frame(closes: dict[str, float], ticker: str = "TEST") -> pd.DataFrame:
+    """A yfinance-shaped answer: Close as given, High +1, Low -1, Open -0.5, Volume 1e6."""
+    idx = pd.DatetimeIndex(list(closes), name="Date")
+    close = np.array(list(closes.values()))
+    prices = {
+        "Close": close,
+        "High": close + 1,
+        "Low": close - 1,
+        "Open": close - 0.5,
+        "Volume": np.full(len(idx), 1e6),
+    }
+    cols = pd.MultiIndex.from_product([list(prices), [ticker]], names=["Price", "Ticker"])
+    return pd.DataFrame(np.column_stack(list(prices.values())), index=idx, columns=cols)
+
+
+HISTORY = {"2024-01-02": 100.0, "2024-01-03": 101.0, "2024-01-04": 102.0, "2024-01-05": 103.0, "2024-01-08": 104.0}
+LATER = {"2024-01-09": 105.0, "2024-01-10": 106.0}
+
+
+def only_start(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if k not in ("auto_adjust", "progress", "threads")}
+
+
+def test_cache_metadata_of_a_download(tmp_path, fake_download):
+    fake_download(yf_frame(HISTORY))
+    cache_dir = tmp_path / "cache"
+    before = datetime.now(UTC).replace(microsecond=0)
+    load_ticker("TEST", cache_dir)
+    after = datetime.now(UTC)
+    meta = json.loads((cache_dir / "TEST.json").read_text())
+    fetched_at = datetime.fromisoformat(meta.pop("fetched_at"))
+    assert fetched_at.utcoffset().total_seconds() == 0
+    assert before <= fetched_at <= after
+    assert meta == {
+        "source": "yfinance",
+        "first_date": "2024-01-02",
+        "last_date": "2024-01-08",
+        "rows": 5,
+        "columns": ["Open", "High", "Low", "Close", "Volume"],
+        "adjustment": "yfinance auto_adjust=True: splits and dividends",
+        "sha256": hashlib.sha256((cache_dir / "TEST.csv").read_bytes()).hexdigest(),
+    }
+    assert read_cache_meta(cache_dir / "TEST.csv")["rows"] == 5
+
+
+def test_second_fetch_downloads_and_appends_only_the_new_days(tmp_path, fake_download):
+    cache_dir = tmp_path / "cache"
+    fake = fake_download(answers=[yf_frame(HISTORY), yf_frame({"2024-01-08": 104.0, **LATER})])
+    load_ticker("TEST", cache_dir)
+    frame, report = load_prices_with_report(IngestConfig(ticker="TEST"), data_dir=tmp_path)
+    assert len(fake.calls) == 2
+    assert only_start(fake.calls[0][1]) == {"period": "max"}
+    assert only_start(fake.calls[1][1]) == {"start": "2024-01-08"}  # from the cache's last day, not all history
+    cached = parse(cache_dir / "TEST.csv")
+    assert cached["Close"].tolist() == [100.0, 101.0, 102.0, 103.0, 104.0, 105.0, 106.0]
+    assert cached.index.is_unique
+    assert cached["Open"].tolist() == [99.5, 100.5, 101.5, 102.5, 103.5, 104.5, 105.5]
+    pd.testing.assert_frame_equal(frame, cached)
+    assert report.summary() == (
+        "TEST: 7 rows kept of 7 read, 2024-01-02 .. 2024-01-10, columns Open, High, Low, Close, Volume; "
+        "cleaned: nothing"
+    )
+    meta = read_cache_meta(cache_dir / "TEST.csv")
+    assert (meta["source"], meta["first_date"], meta["last_date"], meta["rows"]) == (
+        "yfinance",
+        "2024-01-02",
+        "2024-01-10",
+        7,
+    )
+
+
+def test_refresh_with_nothing_new_keeps_the_series(tmp_path, fake_download):
+    cache_dir = tmp_path / "cache"
+    fake = fake_download(answers=[yf_frame(HISTORY), yf_frame({"2024-01-08": 104.0})])
+    first = load_ticker("TEST", cache_dir)
+    second = load_ticker("TEST", cache_dir)
+    assert len(fake.calls) == 2
+    pd.testing.assert_frame_equal(second, first)
+
+
+def test_float_noise_on_the_overlap_day_is_not_a_readjustment(tmp_path, fake_download):
+    cache_dir = tmp_path / "cache"
+    noisy = {"2024-01-08": 104.0 * (1 + 1e-9), **LATER}
+    fake = fake_download(answers=[yf_frame(HISTORY), yf_frame(noisy)])
+    load_ticker("TEST", cache_dir)
+    frame = load_ticker("TEST", cache_dir)
+    assert len(fake.calls) == 2  # no full download
+    assert frame.loc["2024-01-08", "Close"] == 104.0  # the cached day is kept as it was
+    assert len(frame) == 7
+
+
+def test_readjusted_overlap_triggers_a_full_download(tmp_path, fake_download, caplog):
+    """A dividend since the last fetch: Yahoo scales all earlier auto-adjusted prices (here by 0.98)."""
+    cache_dir = tmp_path / "cache"
+    readjusted = {day: close * 0.98 for day, close in HISTORY.items()}
+    fake = fake_download(
+        answers=[
+            yf_frame(HISTORY),
+            yf_frame({"2024-01-08": readjusted["2024-01-08"], **LATER}),
+            yf_frame({**readjusted, **LATER}),
+        ]
+    )
+    load_ticker("TEST", cache_dir)
+    with caplog.at_level(logging.WARNING, logger="pipeline.ingest"):
+        frame = load_ticker("TEST", cache_dir)
+    assert [only_start(call[1]) for call in fake.calls] == [
+        {"period": "max"},
+        {"start": "2024-01-08"},
+        {"period": "max"},
+    ]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"TEST: the close of 2024-01-08 changed from 104.0 (cached) to {104.0 * 0.98}: the history was re-adjusted "
+        "(a split or dividend); downloading it all again"
+    ]
+    expected = [close * 0.98 for close in HISTORY.values()] + [105.0, 106.0]
+    assert frame["Close"].tolist() == expected
+    assert parse(cache_dir / "TEST.csv")["Close"].tolist() == expected  # no mix of old and new adjustment
+    assert read_cache_meta(cache_dir / "TEST.csv")["rows"] == 7
+
+
+def test_overlap_day_missing_from_the_answer_triggers_a_full_download(tmp_path, fake_download):
+    cache_dir = tmp_path / "cache"
+    fake = fake_download(answers=[yf_frame(HISTORY), yf_frame(LATER), yf_frame({**HISTORY, **LATER})])
+    load_ticker("TEST", cache_dir)
+    frame = load_ticker("TEST", cache_dir)
+    assert [only_start(call[1]) for call in fake.calls] == [
+        {"period": "max"},
+        {"start": "2024-01-08"},
+        {"period": "max"},
+    ]
+    assert len(frame) == 7
+
+
+def test_cache_without_metadata_gets_a_full_download(tmp_path, fake_download):
+    """A cache written before metadata existed, or by hand: its origin is unknown, so nothing is appended to it."""
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    write(cache_dir / "TEST.csv", "Date,Close\n2024-01-02,1.0\n2024-01-03,2.0\n")
+    fake = fake_download(yf_frame(HISTORY))
+    frame = load_ticker("TEST", cache_dir)
+    assert only_start(fake.calls[0][1]) == {"period": "max"}
+    assert frame["Close"].tolist() == list(HISTORY.values())
+    assert read_cache_meta(cache_dir / "TEST.csv")["rows"] == 5
+
+
+def test_crash_between_data_and_metadata_leaves_no_wrong_metadata(tmp_path, fake_download, monkeypatch, caplog):
+    """Data is written first; metadata that does not match the data (sha256) is ignored, never trusted."""
+    cache_dir = tmp_path / "cache"
+    fake = fake_download(answers=[yf_frame(HISTORY), yf_frame({"2024-01-08": 104.0, **LATER}), yf_frame(HISTORY)])
+    load_ticker("TEST", cache_dir)
+    old_meta = (cache_dir / "TEST.json").read_bytes()
+    replace = ingest.os.replace
+
+    def crash_on_metadata(src, dst):
+        if str(dst).endswith(".json"):
+            raise OSError("killed")
+        replace(src, dst)
+
+    monkeypatch.setattr(ingest.os, "replace", crash_on_metadata)
+    with pytest.raises(OSError, match="killed"):
+        load_ticker("TEST", cache_dir)
+    monkeypatch.setattr(ingest.os, "replace", replace)
+    assert all_files(tmp_path) == ["cache/TEST.csv", "cache/TEST.json"]  # no temp file left
+    assert len(parse(cache_dir / "TEST.csv")) == 7  # the new data is there ...
+    assert (cache_dir / "TEST.json").read_bytes() == old_meta  # ... with the old metadata (5 rows)
+    with caplog.at_level(logging.WARNING, logger="pipeline.ingest"):
+        assert read_cache_meta(cache_dir / "TEST.csv") is None
+    assert "does not describe the file" in caplog.records[0].getMessage()
+    load_ticker("TEST", cache_dir)  # so the next refresh downloads everything and writes matching metadata
+    assert only_start(fake.calls[2][1]) == {"period": "max"}
+    assert read_cache_meta(cache_dir / "TEST.csv")["rows"] == 5
+
+
+def test_unreadable_metadata_is_ignored(tmp_path, fake_download):
+    cache_dir = tmp_path / "cache"
+    fake = fake_download(yf_frame(HISTORY))
+    load_ticker("TEST", cache_dir)
+    write(cache_dir / "TEST.json", "{not json")
+    assert read_cache_meta(cache_dir / "TEST.csv") is None
+    load_ticker("TEST", cache_dir)
+    assert [only_start(call[1]) for call in fake.calls] == [{"period": "max"}, {"period": "max"}]
+
+
+# --- `ingest --csv` stores the series in the cache ---------------------------------------------
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch) -> Path:
+    """An empty data folder in place of the repository's data/ (read from ingest.DATA_DIR at call time)."""
+    folder = tmp_path / "data"
+    monkeypatch.setattr(ingest, "DATA_DIR", folder)
+    return folder
+
+
+def test_ingest_csv_stores_the_series_and_the_name_loads_it_without_yfinance(tmp_path, data_dir, fake_download, capsys):
+    fake = fake_download(exc=AssertionError("yfinance must not be called"))
+    path = write(tmp_path / "my prices (2024).csv", "Date,Close,Volume\n2024-01-02,10,100\n2024-01-03,11,200\n")
+    assert main(["ingest", "--csv", str(path)]) == 0
+    stored = data_dir / "cache" / "my_prices_2024.csv"
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [
+        f"{path}: 2 rows kept of 2 read, 2024-01-02 .. 2024-01-03, columns Close, Volume; cleaned: nothing",
+        f"stored as my_prices_2024 in {stored}; load it with --ticker my_prices_2024",
+    ]
+    assert err == ""
+    assert all_files(data_dir) == ["cache/my_prices_2024.csv", "cache/my_prices_2024.json"]
+    meta = read_cache_meta(stored)
+    assert meta["source"] == f"csv:{path.resolve()}"
+    assert (meta["first_date"], meta["last_date"], meta["rows"]) == ("2024-01-02", "2024-01-03", 2)
+    assert meta["adjustment"] == "none: prices as in the file"
+
+    assert main(["ingest", "--ticker", "my_prices_2024"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [
+        "my_prices_2024: 2 rows kept of 2 read, 2024-01-02 .. 2024-01-03, columns Close, Volume; cleaned: nothing"
+    ]
+    assert err == ""
+    assert fake.calls == []  # the cache's source is a file: yfinance is never asked
+    frame = load_prices(IngestConfig(ticker="my_prices_2024"))
+    assert frame["Close"].tolist() == [10.0, 11.0]
+    assert fake.calls == []
+
+
+def test_ingest_csv_with_an_explicit_name(tmp_path, data_dir, capsys, fake_download):
+    fake = fake_download(exc=AssertionError("yfinance must not be called"))
+    path = write(tmp_path / "p.csv", "Date,Close,Stock Splits\n2024-01-02,100,0\n2024-01-03,51,2\n")
+    assert main(["ingest", "--csv", str(path), "--ticker", "MINE.X"]) == 0
+    stored = data_dir / "cache" / "MINE.X.csv"
+    assert capsys.readouterr().out.splitlines()[1] == f"stored as MINE.X in {stored}; load it with --ticker MINE.X"
+    assert all_files(data_dir) == ["cache/MINE.X.csv", "cache/MINE.X.json"]
+    assert read_cache_meta(stored)["adjustment"] == "split column: 1 split applied"
+    assert load_prices(IngestConfig(ticker="MINE.X"))["Close"].tolist() == [50.0, 51.0]
+    assert fake.calls == []
+
+
+def test_refused_csv_writes_nothing(tmp_path, data_dir, capsys):
+    path = write(tmp_path / "bad.csv", "Date,Close\n2024-01-02,10\n2024-01-03,abc\n")
+    assert main(["ingest", "--csv", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [f"error: {path}: non-numeric Close value 'abc' on 2024-01-03"]
+    assert out == ""
+    assert all_files(tmp_path) == ["bad.csv"]  # no cache file, metadata or temp file
+
+
+def test_csv_cannot_be_stored_under_a_shipped_name(tmp_path, data_dir, capsys):
+    path = write(tmp_path / "p.csv", "Date,Close\n2024-01-02,10\n")
+    assert main(["ingest", "--csv", str(path), "--ticker", "MSFT"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {path}: cannot store it as 'MSFT', the name of a shipped series; give another --ticker"
+    ]
+    assert all_files(tmp_path) == ["p.csv"]
+
+
+def test_csv_whose_name_cannot_be_made_a_ticker(tmp_path, data_dir, capsys):
+    path = write(tmp_path / "(((.csv", "Date,Close\n2024-01-02,10\n")
+    assert main(["ingest", "--csv", str(path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {path}: cannot make a cache name of the file name; give one with --ticker NAME"
+    ]
+    assert all_files(tmp_path) == ["(((.csv"]
+
+
+def test_failed_store_leaves_no_temp_file(tmp_path, data_dir, monkeypatch):
+    path = write(tmp_path / "p.csv", "Date,Close\n2024-01-02,10\n")
+
+    def refuse(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ingest.os, "replace", refuse)
+    with pytest.raises(OSError, match="disk full"):
+        ingest.store_csv(IngestConfig(csv=str(path)))
+    assert all_files(tmp_path) == ["p.csv"]
+
+
+# --- split columns ------------------------------------------------------------------------------
+
+# Raw prices with a 2:1 split on 2024-01-04: the close halves (102 -> 51) and volume doubles.
+SPLIT_ROWS = (
+    "2024-01-02,99,101,98,100,1000,{a}\n"
+    "2024-01-03,101,103,100,102,1200,{b}\n"
+    "2024-01-04,51,52,50,51,2600,{c}\n"
+    "2024-01-05,51.5,53,51,52,2400,{d}\n"
+)
+
+
+def split_csv(tmp_path: Path, ratios=(0, 0, 2, 0), column: str = "Stock Splits") -> Path:
+    a, b, c, d = ratios
+    header = f"Date,Open,High,Low,Close,Volume,{column}\n"
+    return write(tmp_path / "s.csv", header + SPLIT_ROWS.format(a=a, b=b, c=c, d=d))
+
+
+@pytest.mark.parametrize("column", ["Stock Splits", "stock_splits", "Splits", "Split", "STOCK SPLITS"])
+def test_two_for_one_split_is_taken_out_of_earlier_rows(tmp_path, column):
+    frame, report = clean_prices_with_report(read_price_csv(split_csv(tmp_path, column=column)), "s")
+    check_clean(frame, COLUMNS)
+    # Rows before the split day: prices / 2, volume * 2. The split day and later: unchanged.
+    assert frame["Open"].tolist() == [49.5, 50.5, 51.0, 51.5]
+    assert frame["High"].tolist() == [50.5, 51.5, 52.0, 53.0]
+    assert frame["Low"].tolist() == [49.0, 50.0, 50.0, 51.0]
+    assert frame["Close"].tolist() == [50.0, 51.0, 51.0, 52.0]
+    assert frame["Volume"].tolist() == [2000.0, 2400.0, 2600.0, 2400.0]
+    assert report.large_moves == ()  # log(51/51) = 0: the split day is no longer a large move
+    assert (report.splits_applied, report.splits_already_adjusted) == (1, 0)
+    assert report.summary() == (
+        "s: 4 rows kept of 4 read, 2024-01-02 .. 2024-01-05, columns Open, High, Low, Close, Volume; "
+        "cleaned: 1 split applied"
+    )
+
+
+def test_without_the_split_column_the_split_day_is_flagged(tmp_path):
+    raw = read_price_csv(split_csv(tmp_path)).drop(columns="Stock Splits")
+    frame, report = clean_prices_with_report(raw, "s")
+    assert frame["Close"].tolist() == [100.0, 102.0, 51.0, 52.0]
+    assert report.large_moves == ("2024-01-04",)  # log(51/102) = -0.69
+    assert report.splits_applied == 0
+
+
+def test_reverse_split_multiplies_earlier_prices(tmp_path):
+    path = write(
+        tmp_path / "r.csv",
+        "Date,Close,Volume,Stock Splits\n"
+        "2024-01-02,10,1000,0\n2024-01-03,10.5,800,0\n2024-01-04,21,450,0.5\n2024-01-05,21.5,400,0\n",
+    )
+    frame, report = clean_prices_with_report(read_price_csv(path), "r")
+    assert frame["Close"].tolist() == [20.0, 21.0, 21.0, 21.5]
+    assert frame["Volume"].tolist() == [500.0, 400.0, 450.0, 400.0]
+    assert (report.splits_applied, report.large_moves) == (1, ())
+
+
+def test_two_splits_compound(tmp_path):
+    path = write(
+        tmp_path / "two.csv",
+        "Date,Close,Volume,Splits\n2024-01-02,600,10,0\n2024-01-03,612,10,0\n2024-01-04,306,20,2\n"
+        "2024-01-05,309,20,1\n2024-01-08,103,60,3\n2024-01-09,104,60,\n",
+    )
+    frame, report = clean_prices_with_report(read_price_csv(path), "two")
+    assert frame["Close"].tolist() == [100.0, 102.0, 102.0, 103.0, 103.0, 104.0]  # / 6, / 6, / 3, / 3, as is
+    assert frame["Volume"].tolist() == [60.0, 60.0, 60.0, 60.0, 60.0, 60.0]
+    assert report.splits_applied == 2  # 1 and empty mean no split
+
+
+def test_split_already_in_the_prices_is_left_alone(tmp_path):
+    """yfinance's Ticker.history(): split-adjusted prices next to the split column (and dividends)."""
+    path = write(
+        tmp_path / "h.csv",
+        "Date,Open,High,Low,Close,Volume,Dividends,Stock Splits\n"
+        "2024-01-02 00:00:00-05:00,49.5,50.5,49,50,2000,0.0,0.0\n"
+        "2024-01-03 00:00:00-05:00,50.5,51.5,50,51,2400,0.25,0.0\n"
+        "2024-01-04 00:00:00-05:00,51,52,50,51,2600,0.0,2.0\n"
+        "2024-01-05 00:00:00-05:00,51.5,53,51,52,2400,0.0,0.0\n",
+    )
+    frame, report = clean_prices_with_report(read_price_csv(path), "h")
+    check_clean(frame, COLUMNS)
+    assert frame["Close"].tolist() == [50.0, 51.0, 51.0, 52.0]  # not halved again
+    assert frame["Volume"].tolist() == [2000.0, 2400.0, 2600.0, 2400.0]
+    assert (report.splits_applied, report.splits_already_adjusted) == (0, 1)
+    assert report.summary().endswith("cleaned: 1 split already adjusted")
+
+
+def test_split_column_is_ignored_with_adj_close(tmp_path):
+    """Adj Close includes splits already: the split column (even a malformed one) is not used."""
+    path = write(
+        tmp_path / "a.csv",
+        "Date,Close,Adj Close,Stock Splits\n2024-01-02,100,50,\n2024-01-03,102,51,\n2024-01-04,51,51,2:1\n",
+    )
+    frame, report = load_prices_with_report(IngestConfig(csv=str(path), price_column="Adj Close"))
+    assert frame["Close"].tolist() == [50.0, 51.0, 51.0]
+    assert list(frame.columns) == ["Close"]
+    assert (report.splits_applied, report.large_moves) == (0, ())
+
+
+def test_split_on_a_dropped_empty_row_applies_from_the_next_row(tmp_path):
+    text = "Date,Close,Stock Splits\n2024-01-02,100,0\n2024-01-03,102,0\n2024-01-04,,2\n2024-01-05,51,0\n"
+    path = write(tmp_path / "e.csv", text)
+    frame, report = clean_prices_with_report(read_price_csv(path), "e")
+    assert frame["Close"].tolist() == [50.0, 51.0, 51.0]
+    assert (report.empty_rows, report.splits_applied, report.cells_filled) == (1, 1, 0)
+
+
+def test_split_on_the_first_row_changes_nothing(tmp_path):
+    frame, report = clean_prices_with_report(read_price_csv(split_csv(tmp_path, ratios=(2, 0, 0, 0))), "s")
+    assert frame["Close"].tolist() == [100.0, 102.0, 51.0, 52.0]
+    assert (report.splits_applied, report.splits_already_adjusted) == (0, 0)
+
+
+def test_non_numeric_split_ratio_is_refused(tmp_path):
+    with pytest.raises(InputError) as err:
+        parse(split_csv(tmp_path, ratios=(0, 0, "2:1", 0)))
+    assert str(err.value) == (
+        f"{tmp_path / 's.csv'}: non-numeric Stock Splits value '2:1' on 2024-01-04 "
+        "(give the ratio as one number: 2 for a 2-for-1 split, 0.5 for 1-for-2)"
+    )
+
+
+def test_negative_split_ratio_is_refused(tmp_path):
+    with pytest.raises(InputError) as err:
+        parse(split_csv(tmp_path, ratios=(0, 0, -2, 0)))
+    assert str(err.value) == f"{tmp_path / 's.csv'}: negative Stock Splits value -2 on 2024-01-04"
+
+
+def test_dividends_column_is_dropped(tmp_path):
+    frame = parse(write(tmp_path / "d.csv", "Date,Close,Dividends\n2024-01-02,10,0\n2024-01-03,11,0.5\n"))
+    assert list(frame.columns) == ["Close"]
+    assert frame["Close"].tolist() == [10.0, 11.0]
+
+
+# --- the data-quality record --------------------------------------------------------------------
+
+
+def test_quality_record_as_dict_is_json_ready():
+    columns = ("Close", "Volume")
+    report = QualityReport(
+        "X", 9, 7, 1, 1, 2, "2020-01-01", "2020-01-09", columns, large_moves=("2020-01-03",), splits_applied=1
+    )
+    record = report.as_dict()
+    assert json.loads(json.dumps(record)) == record
+    assert record == {
+        "source": "X",
+        "rows_read": 9,
+        "rows_kept": 7,
+        "duplicate_dates": 1,
+        "empty_rows": 1,
+        "cells_filled": 2,
+        "first_date": "2020-01-01",
+        "last_date": "2020-01-09",
+        "columns": ["Close", "Volume"],
+        "price_column": "Close",
+        "large_moves": ["2020-01-03"],
+        "large_move_threshold": 0.25,
+        "splits_applied": 1,
+        "splits_already_adjusted": 0,
+        "summary": (
+            "X: 7 rows kept of 9 read, 2020-01-01 .. 2020-01-09, columns Close, Volume; cleaned: 1 duplicate date, "
+            "1 empty row, 2 cells filled, 1 split applied; 1 large move flagged (2020-01-03)"
+        ),
+    }
+    assert report.as_params()["data_splits_applied"] == 1
+    assert report.as_params()["data_splits_already_adjusted"] == 0

@@ -1,7 +1,8 @@
 """Stage 1 (ingest) on files people actually have: the corpus in tests/data/bad/, the price column, the report.
 
 Each corpus file goes through `python -m pipeline ingest --csv FILE` in-process; EXPECTED.yaml says what must
-happen. The only stand-in is `yfinance.download` (the network call): a CSV must never reach it.
+happen. The only stand-ins are `yfinance.download` (the network call: a CSV must never reach it) and the data
+folder holding the cache (`ingest.DATA_DIR`, so that stored series land in tmp_path, not in the repository).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pytest
 import yaml
 import yfinance
 
+from pipeline import ingest
 from pipeline.cli import main
 from pipeline.errors import InputError
 from pipeline.ingest import (
@@ -24,6 +26,7 @@ from pipeline.ingest import (
     clean_prices_with_report,
     load_prices,
     load_prices_with_report,
+    read_cache_meta,
     read_price_csv,
 )
 
@@ -77,7 +80,10 @@ def test_corpus_file_through_the_cli(name, capsys, tmp_path, monkeypatch, no_net
     argv = ["ingest", "--csv", str(path)]
     if "price_column" in case:
         argv += ["--price-column", case["price_column"]]
-    monkeypatch.chdir(tmp_path)
+    workdir, data_dir = tmp_path / "work", tmp_path / "data"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(ingest, "DATA_DIR", data_dir)
     before = data_snapshot()
 
     code = main(argv)
@@ -85,8 +91,9 @@ def test_corpus_file_through_the_cli(name, capsys, tmp_path, monkeypatch, no_net
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
     assert data_snapshot() == before  # nothing written to (or removed from) the repository's data/
-    assert list(tmp_path.iterdir()) == []  # nor to the working directory
+    assert list(workdir.iterdir()) == []  # nor to the working directory
     assert no_network == []
+    stored = sorted(p.name for p in data_dir.rglob("*") if p.is_file())
     if not case.get("ok"):
         assert code == case["exit"]
         lines = err.splitlines()
@@ -94,13 +101,22 @@ def test_corpus_file_through_the_cli(name, capsys, tmp_path, monkeypatch, no_net
         assert lines[0].startswith(f"error: {path}: "), lines
         assert case["message"] in lines[0]
         assert out == ""
+        assert stored == []  # a refused file leaves nothing in the cache, not even a temp file
         return
     assert code == 0
     assert err == ""
     lines = out.splitlines()
-    assert len(lines) == 1, lines
+    assert len(lines) == 2, lines
     assert lines[0].startswith(f"{path}: {case['rows']} row{'' if case['rows'] == 1 else 's'} kept of ")
     assert case.get("summary", "") in lines[0]
+    cache = data_dir / "cache" / f"{path.stem}.csv"
+    assert lines[1] == f"stored as {path.stem} in {cache}; load it with --ticker {path.stem}"
+    assert stored == [f"{path.stem}.csv", f"{path.stem}.json"]
+    assert read_cache_meta(cache)["source"] == f"csv:{path}"
+    # The stored series is the clean frame, loaded by name from the cache without yfinance.
+    cfg = IngestConfig(csv=str(path), price_column=case.get("price_column", "Close"))
+    pd.testing.assert_frame_equal(load_prices(IngestConfig(ticker=path.stem)), load_prices(cfg), check_freq=False)
+    assert no_network == []
 
 
 @pytest.mark.parametrize("name", GOOD)
@@ -118,9 +134,13 @@ def test_corpus_good_file_values(name, no_network):
         assert frame["Close"].iloc[-1] == case["last_close"]
     if "first_open" in case:
         assert frame["Open"].iloc[0] == pytest.approx(case["first_open"], rel=1e-12)
+    if "first_volume" in case:
+        assert frame["Volume"].iloc[0] == case["first_volume"]
     if "columns" in case:
         assert list(frame.columns) == case["columns"]
     assert list(report.large_moves) == case.get("large_moves", [])
+    assert report.splits_applied == case.get("splits_applied", 0)
+    assert report.splits_already_adjusted == case.get("splits_already_adjusted", 0)
     assert (report.rows_kept, report.last_date) == (case["rows"], case["last_date"])
     assert report.first_date == str(frame.index[0].date())
     assert report.source == str(BAD / name)
@@ -257,6 +277,8 @@ def test_shipped_series_reports():
         "data_last_date": "2017-11-10",
         "data_price_column": "Close",
         "data_large_move_threshold": 0.25,
+        "data_splits_applied": 0,
+        "data_splits_already_adjusted": 0,
         "data_columns": "Open,High,Low,Close,Volume",
         "data_large_moves": 1,
         "data_large_move_dates": "1987-10-19",
