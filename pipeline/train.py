@@ -1,8 +1,8 @@
 """Stage 5 — train: fit one model config with several seeds, one epoch at a time.
 
 In:  a `ModelConfig`, a `TrainConfig` and the `Windows` of `pipeline.windows`.
-Out: one `SeedRun` per seed, each holding its per-epoch `EpochStats`, its best validation loss and the
-     weights of its best epoch.
+Out: one `SeedRun` per seed (per seed and walk-forward fold, for `train_validation` with folds), each
+     holding its per-epoch `EpochStats`, its best validation loss and the weights of its best epoch.
 
 The seeds advance in lockstep (epoch 1 of every seed, then epoch 2, ...), so that a caller can report
 the mean validation loss across seeds after each epoch (Optuna prunes on it). Each seed keeps its own
@@ -64,6 +64,7 @@ class EpochStats:
     train_loss_std: float  # std of the per-batch losses (population)
     grad_norm: float  # mean per-batch gradient norm
     val_loss: float
+    fold: int | None = None  # walk-forward fold (1-based); None on the one train/val split
     batch_losses: list[float] = field(repr=False, default_factory=list)
     grad_norms: list[float] = field(repr=False, default_factory=list)
 
@@ -88,10 +89,13 @@ def grad_norm(model: nn.Module) -> float:
 class SeedRun:
     """One model trained with one seed; `step()` runs one epoch."""
 
-    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, data: Windows, seed: int) -> None:
+    def __init__(
+        self, model_cfg: ModelConfig, train_cfg: TrainConfig, data: Windows, seed: int, fold: int | None = None
+    ) -> None:
         self.cfg = train_cfg
         self.data = data
         self.seed = seed
+        self.fold = fold
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.model = build_model(model_cfg, data.n_features)
@@ -106,6 +110,11 @@ class SeedRun:
         self.done = False
 
     @property
+    def name(self) -> str:
+        """'seed 3', or 'fold 2 seed 3' on a walk-forward fold."""
+        return f"seed {self.seed}" if self.fold is None else f"fold {self.fold} seed {self.seed}"
+
+    @property
     def val_curve(self) -> list[float]:
         return [stats.val_loss for stats in self.history]
 
@@ -118,11 +127,12 @@ class SeedRun:
             self.rng_state = torch.get_rng_state()
         val_loss = mse(self.model, self.val_inputs, self.val_targets)
         if not math.isfinite(val_loss):
-            raise DivergedError(f"non-finite validation loss at epoch {epoch} (seed {self.seed})")
+            raise DivergedError(f"non-finite validation loss at epoch {epoch} ({self.name})")
         losses_t, norms_t = torch.tensor(losses), torch.tensor(norms)
         stats = EpochStats(
             seed=self.seed,
             epoch=epoch,
+            fold=self.fold,
             train_loss=losses_t.mean().item(),
             train_loss_std=losses_t.std(correction=0).item(),
             grad_norm=norms_t.mean().item(),
@@ -147,7 +157,7 @@ class SeedRun:
             loss = nn.functional.mse_loss(self.model(inputs), targets)
             if not torch.isfinite(loss):
                 raise DivergedError(
-                    f"non-finite training loss at epoch {epoch}, batch {len(losses) + 1} (seed {self.seed})"
+                    f"non-finite training loss at epoch {epoch}, batch {len(losses) + 1} ({self.name})"
                 )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -172,8 +182,25 @@ def train_seeds(
 
     `on_epoch` may raise (e.g. Optuna's TrialPruned) to stop the whole config.
     """
+    seeds = range(train_cfg.seed, train_cfg.seed + train_cfg.seeds)
+    return run_lockstep([SeedRun(model_cfg, train_cfg, data, seed) for seed in seeds], train_cfg, on_epoch)
+
+
+def train_validation(
+    model_cfg: ModelConfig, train_cfg: TrainConfig, data: Windows, on_epoch: EpochHook | None = None
+) -> list[SeedRun]:
+    """What the objective scores: `train_seeds` on the one train/val split, or, with walk-forward folds,
+    every seed on every fold (fold k's seed s starts from the same weights as on the other folds)."""
+    if not data.folds:
+        return train_seeds(model_cfg, train_cfg, data, on_epoch)
+    seeds = range(train_cfg.seed, train_cfg.seed + train_cfg.seeds)
+    runs = [SeedRun(model_cfg, train_cfg, fold, seed, k) for k, fold in enumerate(data.folds, 1) for seed in seeds]
+    return run_lockstep(runs, train_cfg, on_epoch)
+
+
+def run_lockstep(runs: list[SeedRun], train_cfg: TrainConfig, on_epoch: EpochHook | None) -> list[SeedRun]:
+    """Advance every run one epoch at a time until all have stopped; `on_epoch` after each epoch."""
     torch.set_num_threads(train_cfg.threads)
-    runs = [SeedRun(model_cfg, train_cfg, data, train_cfg.seed + k) for k in range(train_cfg.seeds)]
     for epoch in range(1, train_cfg.max_epochs + 1):
         active = [run for run in runs if not run.done]
         if not active:
@@ -191,5 +218,5 @@ def epoch_metrics(stats: list[EpochStats]) -> dict[str, float]:
         name: sum(getattr(s, name) for s in stats) / count
         for name in ("train_loss", "train_loss_std", "grad_norm", "val_loss")
     }
-    metrics.update({f"val_loss_seed{s.seed}": s.val_loss for s in stats})
+    metrics.update({f"val_loss_{'' if s.fold is None else f'fold{s.fold}_'}seed{s.seed}": s.val_loss for s in stats})
     return metrics

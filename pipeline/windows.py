@@ -1,15 +1,23 @@
 """Stage 2 — windows: leakage-free, chronologically split training samples.
 
-In:  the clean price frame from `ingest` (Date index; Close and optionally Open, High, Low, Volume).
-Out: `Windows`: the scaled feature matrix (N rows, F features) and, per split, the first row of each
-     sample's window. Sample s covers rows s .. s+window-1 and its target is the close-to-close log
-     return of row s+window (the next day).
+In:  the clean price frame from `ingest` (Date index; Close and optionally Open, High, Low, Volume), or
+     several of them ({ticker: frame}) to pool for training.
+Out: `Windows`: the scaled feature matrix (N rows, F features; the tickers' rows one after the other)
+     and, per split, the first row of each sample's window. Sample s covers rows s .. s+window-1 and its
+     target is the close-to-close log return of row s+window (the next day). With `folds` >= 2 it also
+     carries one `Windows` per walk-forward fold (train and val only).
 
 Leakage rules (each one tested):
-- The rows are cut chronologically into train / val / test parts (default 70/15/15). A sample's window
-  *and* its target lie inside one part, so no sample crosses a boundary.
-- The scaler is fitted on the train part only (fitting it on the whole series leaks the future).
-- The split depends only on the data and fractions, never on a seed; only the order of training
+- The split is by date: the calendar (every date any ticker has) is cut chronologically into train /
+  val / test parts (default 70/15/15), the same dates for every ticker. An embargo of `embargo` windows
+  of rows is left out before the val and before the test part (López de Prado, "Advances in Financial
+  Machine Learning", 2018, ch. 7: samples next to a boundary share information with the other side).
+- A sample's window *and* its target lie inside one part of one ticker: no sample crosses a boundary or
+  goes from one ticker to another.
+- Each ticker's scaler is fitted on its train part only (fitting it on the whole series leaks the future).
+- Walk-forward folds (scikit-learn's `TimeSeriesSplit`, with the embargo as its `gap`) cut the dates
+  before the test part; each fold fits its own scalers on its own train rows.
+- The split depends only on the data and the config, never on a seed; only the order of training
   batches is shuffled (in `train`).
 Windows are views of one (feature-major) array (`Tensor.unfold`): memory stays O(rows × features), and a
 batch is gathered only when it is used.
@@ -17,16 +25,22 @@ batch is gathered only when it is used.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.model_selection import TimeSeriesSplit
 from sklearn.preprocessing import StandardScaler
 
 from pipeline.errors import InputError
 
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "val", "test")
+Parts = dict[str, tuple[int, int]]  # split -> [lo, hi) positions in the calendar (or in one series' rows)
 
 
 @dataclass
@@ -36,6 +50,8 @@ class WindowConfig:
     window: int = 30  # days of history per sample
     train_frac: float = 0.70
     val_frac: float = 0.15  # the test part is the rest
+    embargo: int = 1  # windows of rows left out between parts (at least 1)
+    folds: int = 0  # 0: one train/val split; k >= 2: walk-forward validation with k folds (TimeSeriesSplit)
 
 
 def make_features(prices: pd.DataFrame) -> pd.DataFrame:
@@ -63,7 +79,10 @@ class Windows:
     window: int
     feature_names: list[str]
     dates: pd.DatetimeIndex  # (N,) date of each feature row
-    scaler: StandardScaler  # fitted on the train part's rows only
+    scalers: dict[str, StandardScaler]  # ticker -> scaler fitted on that ticker's train rows only
+    segments: dict[str, tuple[int, int]]  # ticker -> its rows [lo, hi) of `features`
+    naive_rows: torch.Tensor = field(repr=False)  # (N,) the zero-return forecast in each row's scaled units
+    folds: list[Windows] = field(default_factory=list)  # walk-forward folds (train and val only)
 
     def __post_init__(self) -> None:
         # Stored feature-major, (F, N): each window of one feature is then a contiguous run of `window`
@@ -77,6 +96,16 @@ class Windows:
     @property
     def n_features(self) -> int:
         return self.features.shape[1]
+
+    @property
+    def scaler(self) -> StandardScaler:
+        """The scaler of the first (or only) ticker: what a served model applies to new prices."""
+        return next(iter(self.scalers.values()))
+
+    @property
+    def validation_sets(self) -> list[Windows]:
+        """What the objective validates on: the walk-forward folds if any, else this train/val split."""
+        return self.folds or [self]
 
     def inputs(self, starts: torch.Tensor) -> torch.Tensor:
         """(S,) starts -> (S, window, F) inputs, gathered from the view; laid out (S, F, window) in memory,
@@ -95,41 +124,131 @@ class Windows:
         return self.dates[(self.starts[name] + self.window).numpy()]
 
     def naive_target(self) -> float:
-        """The zero-return forecast in scaled units: (0 - mean) / std of the train close returns."""
+        """The zero-return forecast of the first ticker in scaled units: (0 - mean) / std of its train returns."""
         return float(-self.scaler.mean_[0] / self.scaler.scale_[0])
 
     def naive_loss(self, name: str) -> float:
         """MSE of the zero-return forecast on one split, in the same units as the models' losses."""
-        targets = self.targets(self.starts[name])
-        return float(((targets - self.naive_target()) ** 2).mean())
+        rows = self.starts[name] + self.window
+        return float(((self.features[rows, 0] - self.naive_rows[rows]) ** 2).mean())
+
+    def naive_validation_loss(self) -> float:
+        """The zero-return forecast's val MSE, averaged over the validation sets (folds or the one split)."""
+        return float(np.mean([part.naive_loss("val") for part in self.validation_sets]))
 
 
-def part_bounds(n_rows: int, cfg: WindowConfig) -> dict[str, tuple[int, int]]:
-    """Row ranges [lo, hi) of the train, val and test parts."""
+def part_bounds(n_rows: int, cfg: WindowConfig) -> Parts:
+    """Positions [lo, hi) of the train, val and test parts among `n_rows` dates, embargo left out."""
     a = int(n_rows * cfg.train_frac)
     b = int(n_rows * (cfg.train_frac + cfg.val_frac))
-    return {"train": (0, a), "val": (a, b), "test": (b, n_rows)}
+    gap = cfg.embargo * cfg.window
+    return {"train": (0, a), "val": (min(a + gap, b), b), "test": (min(b + gap, n_rows), n_rows)}
 
 
-def make_windows(prices: pd.DataFrame, cfg: WindowConfig) -> Windows:
-    """Build the features, split them chronologically, fit the scaler on train, index the samples."""
+def fold_bounds(n_rows: int, cfg: WindowConfig) -> list[Parts]:
+    """Walk-forward folds over the dates before the test part: expanding train, next block as val,
+    `embargo` windows of dates between them (TimeSeriesSplit's `gap`)."""
+    dev = int(n_rows * (cfg.train_frac + cfg.val_frac))
+    splitter = TimeSeriesSplit(n_splits=cfg.folds, gap=cfg.embargo * cfg.window)
+    try:
+        cuts = list(splitter.split(np.arange(dev)))
+    except ValueError as exc:  # too few dates for that many folds with this gap
+        raise InputError(f"cannot cut {cfg.folds} walk-forward folds from {dev} dates: {exc}") from None
+    return [{"train": (0, int(train[-1]) + 1), "val": (int(val[0]), int(val[-1]) + 1)} for train, val in cuts]
+
+
+def make_windows(prices: pd.DataFrame | Mapping[str, pd.DataFrame], cfg: WindowConfig) -> Windows:
+    """Build the features, split them by date, fit each ticker's scaler on its train rows, index the
+    samples. `prices` is one clean frame or {ticker: clean frame} to pool."""
     check_window_config(cfg)
-    frame = make_features(prices)
-    bounds = part_bounds(len(frame), cfg)
-    starts = {}
-    for name, (lo, hi) in bounds.items():
+    series = dict(prices) if isinstance(prices, Mapping) else {"series": prices}
+    features = common_features({ticker: make_features(frame) for ticker, frame in series.items()})
+    calendar = pd.DatetimeIndex(np.unique(np.concatenate([frame.index.to_numpy() for frame in features.values()])))
+    gap = cfg.embargo * cfg.window
+    data = assemble(features, calendar, part_bounds(len(calendar), cfg), cfg.window, "", gap)
+    if cfg.folds:
+        folds = fold_bounds(len(calendar), cfg)
+        data.folds = [
+            assemble(features, calendar, parts, cfg.window, f"walk-forward fold {k + 1} of {cfg.folds}: ", gap, False)
+            for k, parts in enumerate(folds)
+        ]
+    return data
+
+
+def common_features(features: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """Keep the feature columns every ticker has (in the first ticker's order); warn about the others."""
+    first = next(iter(features.values())).columns
+    shared = [c for c in first if all(c in frame.columns for frame in features.values())]
+    dropped = sorted({c for frame in features.values() for c in frame.columns} - set(shared))
+    if dropped:
+        log.warning("pooled tickers do not all have %s; training on %s only", ", ".join(dropped), ", ".join(shared))
+    return {ticker: frame[shared] for ticker, frame in features.items()}
+
+
+def assemble(
+    features: dict[str, pd.DataFrame],
+    calendar: pd.DatetimeIndex,
+    parts: Parts,
+    window: int,
+    what: str,
+    gap: int,
+    every_ticker: bool = True,
+) -> Windows:
+    """One `Windows` from each ticker's unscaled features and the parts, as positions in `calendar`.
+
+    A part [lo, hi) holds the dates calendar[lo] <= d < calendar[hi]; each ticker's part must fit a
+    window and its target. A ticker whose part does not is refused (`what` prefixes the message; `gap`,
+    the embargo in rows, is named in it), or, unless `every_ticker`, left out (an early walk-forward fold
+    may predate a ticker's listing), as long as one ticker remains.
+    """
+    blocks, dates, naive = [], [], []
+    starts: dict[str, list[torch.Tensor]] = {name: [] for name in parts}
+    scalers, segments, offset, refusals = {}, {}, 0, []
+    for ticker, frame in features.items():
+        rows = {name: rows_between(frame.index, calendar, lo, hi) for name, (lo, hi) in parts.items()}
         # Window rows s..s+window-1 and target row s+window must all lie in [lo, hi).
-        if hi - lo < cfg.window + 1:
-            raise InputError(
-                f"window {cfg.window} is too long for the series: its {name} part has {hi - lo} rows "
-                f"({len(frame) + 1} days in all) and needs at least {cfg.window + 1}"
+        short = next((name for name, (lo, hi) in rows.items() if hi - lo < window + 1), None)
+        if short:
+            where, (lo, hi) = "the series" if ticker == "series" else ticker, rows[short]
+            refusals.append(
+                f"{what}window {window} is too long for {where}: its {short} part has {hi - lo} rows "
+                f"({len(frame) + 1} days in all, {gap} left out before val and before test as embargo) "
+                f"and needs at least {window + 1}"
             )
-        starts[name] = torch.arange(lo, hi - cfg.window, dtype=torch.int64)
-    values = frame.to_numpy(dtype=np.float64)
-    lo, hi = bounds["train"]
-    scaler = StandardScaler().fit(values[lo:hi])
-    scaled = torch.from_numpy(scaler.transform(values).astype(np.float32))
-    return Windows(scaled, starts, cfg.window, list(frame.columns), frame.index, scaler)
+            if every_ticker:
+                break
+            continue
+        for name, (lo, hi) in rows.items():
+            starts[name].append(torch.arange(offset + lo, offset + hi - window, dtype=torch.int64))
+        values = frame.to_numpy(dtype=np.float64)
+        lo, hi = rows["train"]
+        scalers[ticker] = StandardScaler().fit(values[lo:hi])
+        blocks.append(scalers[ticker].transform(values).astype(np.float32))
+        naive.append(np.full(len(frame), -scalers[ticker].mean_[0] / scalers[ticker].scale_[0], dtype=np.float32))
+        dates.append(frame.index)
+        segments[ticker] = (offset, offset + len(frame))
+        offset += len(frame)
+    if refusals and (every_ticker or not segments):
+        raise InputError(refusals[0])
+    return Windows(
+        features=torch.from_numpy(np.concatenate(blocks)),
+        starts={name: torch.cat(parts_starts) for name, parts_starts in starts.items()},
+        window=window,
+        feature_names=list(next(iter(features.values())).columns),
+        dates=pd.DatetimeIndex(np.concatenate([d.to_numpy() for d in dates])),
+        scalers=scalers,
+        segments=segments,
+        naive_rows=torch.from_numpy(np.concatenate(naive)),
+    )
+
+
+def rows_between(dates: pd.DatetimeIndex, calendar: pd.DatetimeIndex, lo: int, hi: int) -> tuple[int, int]:
+    """The rows [first, last) of one ticker's sorted `dates` that fall in calendar[lo] <= d < calendar[hi]."""
+
+    def position(i: int) -> int:
+        return len(dates) if i >= len(calendar) else int(dates.searchsorted(calendar[i]))
+
+    return position(lo), position(hi)
 
 
 def check_window_config(cfg: WindowConfig) -> None:
@@ -139,3 +258,7 @@ def check_window_config(cfg: WindowConfig) -> None:
         raise InputError(
             f"train_frac and val_frac must be in (0, 1) and leave a test part; got {cfg.train_frac} and {cfg.val_frac}"
         )
+    if cfg.embargo < 1:
+        raise InputError(f"embargo must be at least 1 window between parts, got {cfg.embargo}")
+    if cfg.folds < 0 or cfg.folds == 1:
+        raise InputError(f"folds must be 0 (one validation split) or at least 2, got {cfg.folds}")

@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from pipeline.models import ModelConfig
-from pipeline.train import DivergedError, EpochStats, SeedRun, TrainConfig, epoch_metrics, mse, train_seeds
+from pipeline.train import (
+    DivergedError,
+    EpochStats,
+    SeedRun,
+    TrainConfig,
+    epoch_metrics,
+    mse,
+    train_seeds,
+    train_validation,
+)
 from pipeline.windows import WindowConfig, make_windows
 
 
@@ -92,3 +101,33 @@ def test_epoch_metrics_are_means_over_seeds_plus_each_seed():
             "val_loss_seed1": 0.7,
         }
     )
+
+
+def test_walk_forward_trains_every_seed_on_every_fold():
+    data = make_windows(ar1_prices(600), WindowConfig(window=10, folds=3))
+    model_cfg = ModelConfig(model="rnn", hidden_size=4)
+    cfg = TrainConfig(max_epochs=2, seeds=2, seed=7)
+    epochs: list[list[EpochStats]] = []
+    runs = train_validation(model_cfg, cfg, data, lambda _epoch, stats: epochs.append(stats))
+    assert [(run.fold, run.seed) for run in runs] == [(1, 7), (1, 8), (2, 7), (2, 8), (3, 7), (3, 8)]
+    for run, fold in zip(runs, [f for f in data.folds for _ in range(2)], strict=True):
+        assert run.data is fold
+        # Validated on its own fold: the best weights give the logged best loss on that fold's val part.
+        assert mse(run.best_model(), *fold.split("val")) == pytest.approx(run.best_val)
+    # Seed 7 starts from the same weights on every fold; the folds' train parts then make them differ.
+    first, last = (SeedRun(model_cfg, cfg, data.folds[k], 7).model.state_dict() for k in (0, 2))
+    assert all(torch.equal(first[name], last[name]) for name in first)
+    assert runs[0].val_curve != runs[2].val_curve
+    assert sorted(epoch_metrics(epochs[0])) == sorted(
+        ["train_loss", "train_loss_std", "grad_norm", "val_loss"]
+        + [f"val_loss_fold{f}_seed{s}" for f in (1, 2, 3) for s in (7, 8)]
+    )
+    assert epoch_metrics(epochs[0])["val_loss_fold2_seed8"] == runs[3].history[0].val_loss
+
+
+def test_without_folds_train_validation_is_train_seeds(ar1_windows):
+    model_cfg, cfg = ModelConfig(model="rnn", hidden_size=4), TrainConfig(max_epochs=1, seeds=2)
+    a = train_validation(model_cfg, cfg, ar1_windows)
+    b = train_seeds(model_cfg, cfg, ar1_windows)
+    assert [run.fold for run in a] == [None, None]
+    assert [run.val_curve for run in a] == [run.val_curve for run in b]

@@ -12,7 +12,7 @@ import torch
 
 from pipeline.errors import InputError
 from pipeline.ingest import IngestConfig, load_prices
-from pipeline.windows import SPLITS, WindowConfig, make_features, make_windows, part_bounds
+from pipeline.windows import SPLITS, WindowConfig, fold_bounds, make_features, make_windows, part_bounds
 
 # --- helpers ------------------------------------------------------------------------------------
 
@@ -109,9 +109,13 @@ def test_make_features_matches_hand_computation_on_ramp():
 
 
 def test_part_bounds_by_hand():
-    assert part_bounds(5030, WindowConfig()) == {"train": (0, 3521), "val": (3521, 4275), "test": (4275, 5030)}
-    assert part_bounds(99, WindowConfig()) == {"train": (0, 69), "val": (69, 84), "test": (84, 99)}
-    assert part_bounds(49, WindowConfig()) == {"train": (0, 34), "val": (34, 41), "test": (41, 49)}
+    # The embargo (one window of rows by default) is left out at the start of val and of test.
+    assert part_bounds(5030, WindowConfig()) == {"train": (0, 3521), "val": (3551, 4275), "test": (4305, 5030)}
+    assert part_bounds(99, K10_CFG) == {"train": (0, 69), "val": (74, 84), "test": (89, 99)}
+    assert part_bounds(99, WindowConfig(window=5, embargo=2)) == {"train": (0, 69), "val": (79, 84), "test": (94, 99)}
+    assert part_bounds(49, WindowConfig(window=3)) == {"train": (0, 34), "val": (37, 41), "test": (44, 49)}
+    # An embargo longer than a part leaves it empty (refused later, naming the numbers), never negative.
+    assert part_bounds(49, WindowConfig(window=10)) == {"train": (0, 34), "val": (41, 41), "test": (49, 49)}
 
 
 def test_gspc_samples_stay_inside_their_part(gspc, gspc_windows):
@@ -130,7 +134,7 @@ def test_gspc_samples_stay_inside_their_part(gspc, gspc_windows):
         assert int(starts.min()) >= lo
         assert int(starts.max()) + 30 <= hi - 1
         assert len(starts) == hi - lo - 30
-    assert {k: len(v) for k, v in w.starts.items()} == {"train": 3491, "val": 724, "test": 725}
+    assert {k: len(v) for k, v in w.starts.items()} == {"train": 3491, "val": 694, "test": 695}
 
 
 def test_gspc_target_dates_are_chronological(gspc_windows):
@@ -160,11 +164,11 @@ def test_split_is_identical_whatever_the_seed(gspc, gspc_windows):
 
 
 def test_smallest_part_that_fits_the_window():
-    prices = ramp_prices(50)  # 49 feature rows: train 34, val 7, test 8
-    w = make_windows(prices, WindowConfig(window=6))
-    assert w.starts["train"].tolist() == list(range(0, 28))
-    assert w.starts["val"].tolist() == [34]
-    assert w.starts["test"].tolist() == [41, 42]
+    prices = ramp_prices(50)  # 49 feature rows: train 34, val 7 - 3 (embargo), test 8 - 3
+    w = make_windows(prices, WindowConfig(window=3))
+    assert w.starts["train"].tolist() == list(range(0, 31))
+    assert w.starts["val"].tolist() == [37]
+    assert w.starts["test"].tolist() == [44, 45]
 
 
 # --- scaling sees only the train part (K10) ------------------------------------------------------
@@ -265,8 +269,8 @@ def test_targets_are_next_day_scaled_close(gspc_windows):
         assert y.dtype == torch.float32
         assert torch.equal(y, w.features[starts + 30, 0])
     x, y = w.split("val")
-    assert x.shape == (724, 30, 5)
-    assert y.shape == (724,)
+    assert x.shape == (694, 30, 5)
+    assert y.shape == (694,)
 
 
 def test_target_value_by_hand():
@@ -302,14 +306,13 @@ def test_naive_target_on_gspc(gspc, gspc_windows):
 
 
 def test_window_too_long_names_both_numbers():
-    prices = ramp_prices(50)  # 49 feature rows: train 34, val 7, test 8
+    prices = ramp_prices(50)  # 49 feature rows: train 34, val 7 - 5 (embargo), test 8 - 5
     with pytest.raises(InputError) as err:
-        make_windows(prices, WindowConfig(window=10))
-    message = str(err.value)
-    assert "window 10 is too long" in message
-    assert "val part has 7 rows" in message
-    assert "needs at least 11" in message
-    assert "50 days in all" in message
+        make_windows(prices, WindowConfig(window=5))
+    assert str(err.value) == (
+        "window 5 is too long for the series: its val part has 2 rows (50 days in all, 5 left out before val "
+        "and before test as embargo) and needs at least 6"
+    )
 
 
 def test_window_too_long_for_train_part():
@@ -318,8 +321,8 @@ def test_window_too_long_for_train_part():
 
 
 def test_window_one_short_of_fitting_is_refused():
-    with pytest.raises(InputError, match=r"window 7 .* val part has 7 rows .* needs at least 8"):
-        make_windows(ramp_prices(50), WindowConfig(window=7))
+    with pytest.raises(InputError, match=r"window 4 .* val part has 3 rows .* needs at least 5"):
+        make_windows(ramp_prices(50), WindowConfig(window=4))
 
 
 @pytest.mark.parametrize("window", [0, -3])
@@ -343,3 +346,187 @@ def test_naive_loss_is_the_mse_of_the_zero_return_forecast(gspc_windows):
     constant = -gspc_windows.scaler.mean_[0] / gspc_windows.scaler.scale_[0]
     expected = float(((targets.double() - constant) ** 2).mean())
     assert gspc_windows.naive_loss("test") == pytest.approx(expected, rel=1e-6)
+
+
+# --- embargo ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("embargo", [1, 2])
+def test_embargo_leaves_windows_of_rows_between_parts(gspc, embargo):
+    w = make_windows(gspc, WindowConfig(embargo=embargo))
+    last_train_target = int(w.starts["train"][-1]) + 30
+    first_val_row = int(w.starts["val"][0])
+    last_val_target = int(w.starts["val"][-1]) + 30
+    assert first_val_row - last_train_target - 1 == 30 * embargo  # rows used by no sample
+    assert int(w.starts["test"][0]) - last_val_target - 1 == 30 * embargo
+
+
+def test_values_inside_the_embargo_change_nothing():
+    prices = ramp_prices(100)
+    cfg = WindowConfig(window=5)  # train feature rows 0..68 (prices 0..69); val from feature row 74 (prices 74..)
+    base = make_windows(prices, cfg)
+    changed = prices.copy()
+    changed.iloc[71:74] *= 3.0  # price rows strictly inside the embargo
+    other = make_windows(changed, cfg)
+    for name in SPLITS:
+        x0, y0 = base.split(name)
+        x1, y1 = other.split(name)
+        assert torch.equal(x0, x1) and torch.equal(y0, y1), name
+    changed.iloc[74] *= 3.0  # control: the first price the val part reads
+    assert not torch.equal(make_windows(changed, cfg).split("val")[0], base.split("val")[0])
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("embargo", 0, "embargo must be at least 1 window between parts, got 0"),
+    ("folds", 1, "folds must be 0 (one validation split) or at least 2, got 1"),
+    ("folds", -2, "folds must be 0 (one validation split) or at least 2, got -2"),
+])
+def test_embargo_and_folds_refused(field, value, message):
+    with pytest.raises(InputError) as err:
+        make_windows(ramp_prices(200), WindowConfig(**{field: value}))
+    assert str(err.value) == message
+
+
+# --- several tickers ----------------------------------------------------------------------------------
+
+
+def pooled_prices() -> dict[str, pd.DataFrame]:
+    """Two tickers on overlapping business-day ranges: A has 120 days, B starts 10 days later with 110."""
+    a = ramp_prices(120)
+    b = ramp_prices(120).iloc[10:] * 2.0
+    b["Close"] = b["Close"] ** 1.5  # another return pattern than A
+    return {"A": a, "B": b}
+
+
+POOL_CFG = WindowConfig(window=4)
+
+
+def test_pooled_windows_never_cross_tickers():
+    w = make_windows(pooled_prices(), POOL_CFG)
+    assert w.segments == {"A": (0, 119), "B": (119, 228)}
+    for name in SPLITS:
+        for start in w.starts[name].tolist():
+            hi = next(seg_hi for seg_lo, seg_hi in w.segments.values() if seg_lo <= start < seg_hi)
+            assert start + POOL_CFG.window < hi  # window and target inside the start's ticker
+
+
+def test_pooled_split_dates_are_the_same_for_every_ticker():
+    prices = pooled_prices()
+    w = make_windows(prices, POOL_CFG)
+    calendar = make_features(prices["A"]).index  # A covers every date B has
+    bounds = part_bounds(len(calendar), POOL_CFG)
+    for name in SPLITS:
+        lo, hi = bounds[name]
+        for ticker, (seg_lo, seg_hi) in w.segments.items():
+            starts = w.starts[name][(w.starts[name] >= seg_lo) & (w.starts[name] < seg_hi)]
+            window_dates = w.dates[starts.numpy()]
+            target_dates = w.dates[(starts + POOL_CFG.window).numpy()]
+            first = max(calendar[lo], w.dates[seg_lo])  # B's history begins inside the train part
+            assert window_dates.min() == first, (name, ticker)  # every ticker starts the part on its date
+            assert target_dates.max() == calendar[hi - 1], (name, ticker)
+
+
+def test_pooled_scaler_per_ticker_fitted_on_its_train_rows():
+    prices = pooled_prices()
+    w = make_windows(prices, POOL_CFG)
+    a_end = part_bounds(119, POOL_CFG)["train"][1]  # 83 train rows of the 119-date calendar
+    for ticker, frame in prices.items():
+        features = make_features(frame)
+        train = features[features.index < features.index.union(make_features(prices["A"]).index)[a_end]]
+        np.testing.assert_allclose(w.scalers[ticker].mean_, train.mean().to_numpy(), rtol=1e-10)
+        np.testing.assert_allclose(w.scalers[ticker].scale_, train.std(ddof=0).to_numpy(), rtol=1e-10)
+    assert len(w.scalers["A"].mean_) == 5
+    assert w.scalers["B"].n_samples_seen_ == 73  # B starts 10 dates later
+    assert w.scaler is w.scalers["A"]
+
+
+def test_pooled_naive_loss_uses_each_tickers_own_zero_return():
+    w = make_windows(pooled_prices(), POOL_CFG)
+    total, count = 0.0, 0
+    for start in w.starts["val"].tolist():
+        row = start + POOL_CFG.window
+        ticker = next(t for t, (lo, hi) in w.segments.items() if lo <= row < hi)
+        zero = -w.scalers[ticker].mean_[0] / w.scalers[ticker].scale_[0]
+        total += (float(w.features[row, 0]) - zero) ** 2
+        count += 1
+    assert w.naive_loss("val") == pytest.approx(total / count, rel=1e-5)
+
+
+def test_pooled_no_look_ahead_in_another_ticker():
+    prices = pooled_prices()
+    base = make_windows(prices, POOL_CFG)
+    changed = {k: v.copy() for k, v in prices.items()}
+    changed["B"].iloc[-10:] *= 5.0  # B's test part only (from calendar date 105 of 119)
+    other = make_windows(changed, POOL_CFG)
+    for name in ("train", "val"):
+        assert torch.equal(base.split(name)[0], other.split(name)[0])
+    assert not torch.equal(base.split("test")[0], other.split("test")[0])
+
+
+def test_pooled_tickers_keep_the_features_they_share(caplog):
+    prices = pooled_prices()
+    prices["B"] = prices["B"][["Close"]]
+    w = make_windows(prices, POOL_CFG)
+    assert w.feature_names == ["close"]
+    assert "pooled tickers do not all have high, low, open, volume; training on close only" in caplog.text
+
+
+def test_pooled_short_ticker_refused_by_name():
+    prices = pooled_prices()
+    prices["C"] = ramp_prices(120).iloc[100:]  # only in the test part
+    with pytest.raises(InputError, match=r"window 4 is too long for C: its train part has 0 rows"):
+        make_windows(prices, POOL_CFG)
+
+
+# --- walk-forward folds -------------------------------------------------------------------------------
+
+
+def test_fold_bounds_are_time_series_split_with_the_embargo_as_gap():
+    folds = fold_bounds(99, WindowConfig(window=5, folds=3))  # 84 dates before the test part
+    # TimeSeriesSplit(3, gap=5) on 84: val blocks of 84 // 4 = 21, train ends gap before each.
+    assert folds == [
+        {"train": (0, 16), "val": (21, 42)},
+        {"train": (0, 37), "val": (42, 63)},
+        {"train": (0, 58), "val": (63, 84)},
+    ]
+
+
+def test_folds_fit_their_own_scalers_and_never_see_the_test_part():
+    prices = ramp_prices(300)
+    cfg = WindowConfig(window=5, folds=3)
+    w = make_windows(prices, cfg)
+    assert len(w.folds) == 3 and w.validation_sets == w.folds
+    test_start = w.dates[int(w.starts["test"][0])]
+    features = make_features(prices)
+    for fold, parts in zip(w.folds, fold_bounds(len(features), cfg), strict=True):
+        assert set(fold.starts) == {"train", "val"}
+        assert fold.dates[(fold.starts["val"][-1] + 5).item()] < test_start
+        lo, hi = parts["train"]
+        np.testing.assert_allclose(fold.scaler.mean_, features.iloc[lo:hi].mean().to_numpy(), rtol=1e-10)
+        assert int(fold.starts["val"][0]) == parts["val"][0]
+    changed = prices.copy()
+    changed.iloc[-30:] *= 4.0  # inside the test part
+    other = make_windows(changed, cfg)
+    for a, b in zip(w.folds, other.folds, strict=True):
+        assert torch.equal(a.split("val")[0], b.split("val")[0])
+        assert torch.equal(a.split("train")[1], b.split("train")[1])
+
+
+def test_without_folds_the_objective_validates_on_the_split():
+    w = make_windows(ramp_prices(100), K10_CFG)
+    assert w.folds == [] and w.validation_sets == [w]
+
+
+def test_too_many_folds_refused():
+    with pytest.raises(InputError, match=r"cannot cut 40 walk-forward folds from 84 dates"):
+        make_windows(ramp_prices(100), WindowConfig(window=5, folds=40))
+
+
+def test_walk_forward_folds_leave_out_a_ticker_not_yet_listed():
+    prices = {"A": ramp_prices(300), "B": ramp_prices(300).iloc[150:] * 3.0}  # B listed on calendar date 150
+    w = make_windows(prices, WindowConfig(window=5, folds=3))
+    assert set(w.segments) == {"A", "B"}  # the main split needs every ticker
+    assert [sorted(fold.segments) for fold in w.folds] == [["A"], ["A"], ["A", "B"]]
+    # In fold 3, B trains on its own 36 rows before the fold's train end (calendar 186), scaled by itself.
+    b_features = make_features(prices["B"])
+    np.testing.assert_allclose(w.folds[2].scalers["B"].mean_, b_features.iloc[:36].mean().to_numpy(), rtol=1e-10)
