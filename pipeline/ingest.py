@@ -238,12 +238,13 @@ def safe_name(stem: str, source: str) -> str:
 def canonical_price_column(name: str) -> str:
     """Canonical "Close" or "Adj Close" for any spelling of them ("adj_close", "AdjClose", ...); else InputError."""
     for column in PRICE_COLUMNS:
-        if _key(name) == _key(column):
+        if column_key(name) == column_key(column):
             return column
     raise InputError(f"price_column must be Close or Adj Close, got {name!r}")
 
 
-def _key(name: object) -> str:
+def column_key(name: object) -> str:
+    """How column names are matched: ignoring case, spaces and underscores."""
     return re.sub(r"[\s_]+", "", str(name)).lower()
 
 
@@ -280,7 +281,7 @@ def read_price_csv(path: Path) -> pd.DataFrame:
         frame = pd.read_csv(path, skiprows=skip, index_col=0, encoding="utf-8-sig")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot parse as CSV ({str(exc).strip().splitlines()[0]})") from None
-    if frame.empty and not any(_key(column) in ALIASES for column in frame.columns):
+    if frame.empty and not any(column_key(column) in ALIASES for column in frame.columns):
         # e.g. the JSON error Yahoo answers for an unknown symbol, saved under a .csv name
         raise InputError(f"{path}: not a price CSV (no Date/Close header; first line {lines[0].strip()[:60]!r})")
     if frame.empty:
@@ -371,7 +372,7 @@ def _canonical_columns(frame: pd.DataFrame, source: str, price_column: str) -> p
     optional = {"Adj Close"} if price_column == "Adj Close" else {SPLITS}
     names = {}
     for column in frame.columns:
-        name = ALIASES.get(_key(column))
+        name = ALIASES.get(column_key(column))
         if name and name not in names.values() and (name in COLUMNS or name in optional):
             names[column] = name
     found = ", ".join(str(c) for c in frame.columns)

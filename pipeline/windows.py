@@ -83,6 +83,7 @@ class Windows:
     segments: dict[str, tuple[int, int]]  # ticker -> its rows [lo, hi) of `features`
     naive_rows: torch.Tensor = field(repr=False)  # (N,) the zero-return forecast in each row's scaled units
     folds: list[Windows] = field(default_factory=list)  # walk-forward folds (train and val only)
+    prices: pd.DataFrame | None = field(default=None, repr=False)  # the first ticker's clean prices (serving)
 
     def __post_init__(self) -> None:
         # Stored feature-major, (F, N): each window of one feature is then a contiguous run of `window`
@@ -166,6 +167,7 @@ def make_windows(prices: pd.DataFrame | Mapping[str, pd.DataFrame], cfg: WindowC
     calendar = pd.DatetimeIndex(np.unique(np.concatenate([frame.index.to_numpy() for frame in features.values()])))
     gap = cfg.embargo * cfg.window
     data = assemble(features, calendar, part_bounds(len(calendar), cfg), cfg.window, "", gap)
+    data.prices = next(iter(series.values()))  # a served model reads price rows like these
     if cfg.folds:
         folds = fold_bounds(len(calendar), cfg)
         data.folds = [
