@@ -4,24 +4,39 @@ The default store is a SQLite database `mlflow.db` in the working directory (MLf
 deprecated, and an old `./mlruns` folder would silently switch MLflow to it); `MLFLOW_TRACKING_URI`
 overrides. Under `mlflow run`, `MLFLOW_RUN_ID` is set and `mlflow.start_run()` resumes the project's
 run, which then is our parent run: no duplicate top-level run.
+
+Every top-level run carries its provenance as tags: the project's git commit and whether the tree had
+uncommitted changes (`git_commit`, `git_dirty`; where MLflow recorded `mlflow.source.git.commit` itself,
+as `mlflow run` does when it launches us, `git_commit` is that same commit) and the versions of the
+packages that decide the numbers (`version.torch`, `version.mlflow`, ..., `version.python`, and this
+package's own). The price frame a run trained on is logged as an MLflow dataset input (`log_dataset`)
+with a digest of every row.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import platform
+import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 from mlflow.entities import Metric, Run
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import RunConfig, dump_yaml, load_yaml
 from pipeline.errors import InputError
+from pipeline.ingest import Series, pooled_params
 
 
 def configure_tracking() -> str:
@@ -31,13 +46,57 @@ def configure_tracking() -> str:
     return uri
 
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = "dropout-stability"  # the distribution name in pyproject.toml
+VERSIONED = ("torch", "mlflow", "optuna", "pandas", "numpy", PACKAGE)
+
+
+def git_tags(root: Path = PROJECT_ROOT) -> dict[str, str]:
+    """{git_commit, git_dirty} of the project checkout; {} where it is not a git checkout (or no git).
+
+    Dirty means `git status --porcelain` lists anything: a modified, staged or untracked (not ignored)
+    file, i.e. the code that ran may differ from the commit.
+    """
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git_commit": commit, "git_dirty": str(bool(status.strip())).lower()}
+
+
+def version_tags() -> dict[str, str]:
+    """{version.<distribution>: installed version} for the packages that decide the numbers, and Python's."""
+    tags = {"version.python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            tags[f"version.{name}"] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            tags[f"version.{name}"] = "not installed"
+    return tags
+
+
+def provenance_tags() -> dict[str, str]:
+    return {**git_tags(), **version_tags()}
+
+
 @contextmanager
 def tracked_run(name: str, tags: dict[str, str] | None = None) -> Iterator[Run]:
-    """Start (or, under `mlflow run`, resume) a top-level run; end it FINISHED, FAILED or KILLED.
+    """Start (or, under `mlflow run`, resume) a top-level run tagged with its provenance; end it FINISHED,
+    FAILED or KILLED.
 
     Whatever happens inside, the run is never left RUNNING.
     """
-    run = mlflow.start_run(run_name=name, tags=tags)
+    provenance = provenance_tags()
+    run = mlflow.start_run(run_name=name, tags={**provenance, **(tags or {})})
+    launched = run.data.tags.get("mlflow.source.git.commit")
+    if "git_commit" in provenance and launched and launched != provenance["git_commit"]:
+        # `mlflow run` recorded the commit it launched; a commit made since does not change the code running
+        mlflow.set_tag("git_commit", launched)
     try:
         yield run
     except KeyboardInterrupt:
@@ -60,6 +119,73 @@ def log_params_once(params: dict[str, Any]) -> None:
     fresh = {k: v for k, v in params.items() if k not in existing}
     if fresh:
         mlflow.log_params(fresh)
+
+
+def frame_digest(frame: pd.DataFrame) -> str:
+    """An 8-hex-digit digest of every row (dates, values, column names and dtypes).
+
+    MLflow's own pandas digest hashes only the first 10,000 rows, so a corrected price late in a long
+    daily series would keep the digest of the old data.
+    """
+    md5 = hashlib.md5(usedforsecurity=False)
+    md5.update(pd.util.hash_pandas_object(frame, index=True).to_numpy().tobytes())
+    md5.update(repr([(str(column), str(dtype)) for column, dtype in frame.dtypes.items()]).encode())
+    return md5.hexdigest()[:8]
+
+
+def log_dataset(frame: pd.DataFrame, name: str, source: str, context: str = "training") -> str:
+    """Log `frame` (the price series) as a dataset input of the active run; return its digest.
+
+    The UI lists it under the run's Datasets with its name, digest, schema and row count. `source` is a
+    file path (recorded as that file, absolute), a URL, or any other description (e.g. `yfinance:^GSPC`),
+    recorded as text. The dates become a `Date` column, so they are part of the schema.
+    """
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.exceptions import MlflowException
+
+    resolved = CodeDatasetSource(tags={"source": source})
+    if Path(source).is_file() or "://" in source:
+        with warnings.catch_warnings(), suppress(MlflowException):  # an unknown URL scheme stays text
+            # a local path matches MLflow's "" and "file" schemes alike: it says so, and either is right
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            resolved = resolve_dataset_source(str(Path(source).resolve()) if Path(source).is_file() else source)
+    digest = frame_digest(frame)
+    table = frame.reset_index()
+    dataset = mlflow.data.from_pandas(table, source=resolved, name=name, digest=digest)
+    mlflow.log_input(dataset, context=context)
+    return digest
+
+
+def log_data(series: list[Series]) -> None:
+    """Log what a run trained on: `data_*` params, every series' data-quality record as
+    `data_quality.json`, and each price frame as a dataset input (named by its ticker or file)."""
+    log_params_once({**pooled_params(series), "data_digest": data_digest(series)})
+    log_text_artifact(json.dumps([one.report.as_dict() for one in series], indent=2), "data_quality.json")
+    for one in series:
+        log_dataset(one.frame, name=one.name, source=one.report.source)
+
+
+def data_digest(series: list[Series]) -> str:
+    """One 8-hex-digit digest of every series' name and rows: the same digest means the same training data."""
+    text = ",".join(f"{one.name}:{frame_digest(one.frame)}" for one in series)
+    return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()[:8]
+
+
+def reusable_run(params: dict[str, Any], git: dict[str, str]) -> Run | None:
+    """A FINISHED `train` run with the same params (compared as strings) on the same commit of a clean
+    tree, as MLflow's multistep workflow example reuses a step; None if there is none or the tree is dirty
+    (then the code that would run is not the commit's)."""
+    if git.get("git_dirty") != "false":
+        return None
+    query = (
+        f"tags.`pipeline.kind` = 'train' and tags.git_commit = '{git['git_commit']}' "
+        "and tags.git_dirty = 'false' and attributes.status = 'FINISHED'"
+    )
+    for run in mlflow.search_runs(search_all_experiments=True, filter_string=query, output_format="list"):
+        if all(run.data.params.get(key) == str(value) for key, value in params.items()):
+            return run
+    return None
 
 
 def log_text_artifact(text: str, name: str, run_id: str | None = None) -> None:

@@ -4,51 +4,73 @@ In:  a `TuneConfig`, the fixed `RunConfig` (data, windows, model size, training,
      `Windows`.
 Out: the finished study, and in MLflow one parent run per study (the project's run under `mlflow run`)
      with one child run per trial (params, per-epoch curves with step = epoch, the objective and its
-     parts, the trial's state), then the best config retrained, tested and logged on the parent
-     (`best_config.yaml` and the model).
+     parts, the trial's state), then on the parent: `trials.csv` and `trials.png` (every trial of the
+     study), and the best config retrained, tested and logged (`best_config.yaml` and the model).
 
 Search space: `dropout_type` over the family's applicable types; `dropout_rate` uniform in
 [0, max_rate], sampled only when the type is not `none`. TPE sampler; median pruning on the mean
 validation loss across seeds after each epoch. A trial whose loss diverges ends FAIL with its reason
 and the study goes on. Models never see Optuna: the objective samples plain values and calls `train`.
 
-Scale-out: point several processes at one `--storage` (any Optuna RDB URL) and `--study-name`; create
-the study once first (`optuna create-study`, or one process started before the others).
+Scale-out (docs/scale-out.md): the study lives in an Optuna RDB storage, created once by the main
+process before any worker starts (several processes creating a fresh SQLite schema at once race).
+`workers` > 1 runs that many spawned processes, each `study.optimize` with `n_trials` on the shared
+storage, every trial's run nested under the one parent by explicit `parent_run_id` (MLflow's active-run
+stack is per thread and per process); the main process waits, then writes the table and retrains the
+best once. The parent's id is a study user attribute, so `join` processes on other machines (same
+storage, same tracking server) add trials under the same parent and do nothing else. Storage heartbeats
+fail a trial whose worker died, and its run is ended FAILED, so nothing is left RUNNING.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
+import os
+import socket
 import sys
+import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime
+from multiprocessing import current_process, get_context
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import optuna
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, coerce
 from pipeline.errors import InputError, NoResultError
 from pipeline.final import FinalResult, fit_and_log
 from pipeline.models import ModelConfig, applicable_types, dropout_effective
-from pipeline.stability import summarize
-from pipeline.tracking import EpochLogger, log_params_once
-from pipeline.train import DivergedError, EpochStats, epoch_metrics, train_seeds
+from pipeline.stability import INSTABILITY, summarize
+from pipeline.tracking import EpochLogger, log_params_once, log_text_artifact, read_config
+from pipeline.train import DivergedError, EpochStats, epoch_metrics, train_validation
 from pipeline.windows import Windows
 
 TUNED = ("dropout_type", "dropout_rate")  # what the study samples; everything else is fixed
+PARENT_ATTR = "mlflow_parent_run_id"  # study user attribute: the run every trial's run nests under
+TRACKING_ATTR = "mlflow_tracking_uri"  # study user attribute: where that run lives
+HEARTBEAT_S = 60  # a running trial writes a heartbeat to the storage this often
 
 
 @dataclass
 class TuneConfig:
     """The study."""
 
-    n_trials: int = 10
+    n_trials: int = 10  # per worker process: `workers` processes run workers × n_trials trials
     study_name: str = ""  # empty: a new study "<model>-<ticker>-<time>"; an existing name resumes it
     storage: str = ""  # Optuna storage URL; empty: sqlite:///optuna.db in the working directory
     max_rate: float = 0.6  # upper bound of the sampled dropout rate
+    workers: int = 1  # processes running trials at once on the shared storage (one torch thread each)
+    join: bool = False  # only run trials of an existing study, under its parent run (a worker elsewhere)
+    warm_start: str = ""  # comma-separated earlier configs (YAML, runs:/ URI or study name) tried first
 
 
 @dataclass
@@ -84,21 +106,59 @@ def storage_url(tune_cfg: TuneConfig) -> str:
     return tune_cfg.storage or f"sqlite:///{Path.cwd() / 'optuna.db'}"
 
 
-def open_study(tune_cfg: TuneConfig, cfg: RunConfig) -> optuna.Study:
-    """Create the study, or load it by name; refuse to resume a study run with other fixed options."""
+def end_lost_trial_run(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Storage callback for a trial failed for lack of heartbeats (its process died): end its run FAILED."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id:
+        client = MlflowClient()
+        reason = "its worker process stopped sending heartbeats (killed or lost)"
+        client.set_tag(run_id, "trial_state", "FAIL")
+        client.set_tag(run_id, "fail_reason", reason)
+        client.set_terminated(run_id, "FAILED")
+
+
+def make_storage(url: str, heartbeat: int = HEARTBEAT_S) -> optuna.storages.RDBStorage:
+    """The study's storage, with heartbeats: a trial silent for 2 × `heartbeat` seconds is failed (and its
+    run ended) by the next process that starts a trial, or by the main process before it writes the table.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=heartbeat, heartbeat_stale_trial_callback=end_lost_trial_run
+        )
+
+
+def load_study(tune_cfg: TuneConfig, create: bool = True) -> optuna.Study:
+    """The study by name, with our sampler and pruner (every process builds its own: they are not stored).
+
+    `create`: make it if missing; otherwise a missing study is refused.
+    """
     storage = storage_url(tune_cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # we print our own progress lines
+    options = {
+        "study_name": tune_cfg.study_name,
+        "sampler": optuna.samplers.TPESampler(n_startup_trials=4),
+        "pruner": optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
+    }
     try:
-        study = optuna.create_study(
-            study_name=tune_cfg.study_name,
-            storage=storage,
-            direction="minimize",
-            sampler=optuna.samplers.TPESampler(n_startup_trials=4),
-            pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
-            load_if_exists=True,
-        )
-    except (ValueError, ImportError, optuna.exceptions.StorageInternalError) as exc:
+        if create:
+            return optuna.create_study(
+                storage=make_storage(storage), direction="minimize", load_if_exists=True, **options
+            )
+        return optuna.load_study(storage=make_storage(storage), **options)
+    except KeyError:
+        raise InputError(
+            f"no study {tune_cfg.study_name!r} in {storage}: start it first "
+            "(`python -m pipeline tune --study-name ... --storage ...`), then join it"
+        ) from None
+    except (ValueError, ImportError, SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
         raise InputError(f"cannot open Optuna storage {storage!r}: {str(exc).splitlines()[0]}") from None
+
+
+def open_study(tune_cfg: TuneConfig, cfg: RunConfig) -> optuna.Study:
+    """Create the study, or load it by name (only load it to join); refuse a study run with other fixed
+    options."""
+    study = load_study(tune_cfg, create=not tune_cfg.join)
     fixed = {k: str(v) for k, v in fixed_options(cfg).items()}
     stored = study.user_attrs.get("fixed_options")
     if stored is None:
@@ -112,6 +172,57 @@ def open_study(tune_cfg: TuneConfig, cfg: RunConfig) -> optuna.Study:
     return study
 
 
+def study_config(study_name: str, storage: str = "") -> RunConfig:
+    """The config of a stored study's best trial: the study's fixed options and the trial's dropout type and
+    rate. InputError for a missing study, one not made by this pipeline, or one with no completed trial."""
+    url = storage or storage_url(TuneConfig())
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise InputError(f"no study {study_name!r}: there is no Optuna storage {url}")  # and none is created
+    study = load_study(TuneConfig(study_name=study_name, storage=url), create=False)
+    fixed = study.user_attrs.get("fixed_options")
+    completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if fixed is None or not completed:
+        why = "was not made by this pipeline" if fixed is None else "has no completed trial"
+        raise InputError(f"study {study_name!r} in {url} {why}: no best config to read")
+    best = study.best_trial
+    options = {**fixed, "dropout_type": best.params["dropout_type"], "dropout_rate": best.params.get("dropout_rate", 0)}
+    defaults = RunConfig().flat()
+    source = f"study {study_name!r}"
+    return RunConfig().with_options({k: coerce(v, defaults[k], k, source) for k, v in options.items() if k in defaults})
+
+
+def read_any_config(spec: str, storage: str = "") -> RunConfig:
+    """A saved config: a YAML path, an MLflow artifact URI (`runs:/<id>/best_config.yaml`), or the name of an
+    Optuna study in `storage` (its best trial)."""
+    if "://" in spec or spec.startswith("runs:/") or spec.endswith((".yaml", ".yml")) or Path(spec).exists():
+        return read_config(spec)
+    return study_config(spec, storage)
+
+
+def warm_start_trials(tune_cfg: TuneConfig, cfg: RunConfig) -> list[dict[str, Any]]:
+    """The dropout type and rate of each `warm_start` config, as trial params to enqueue (e.g. the best
+    configs of earlier studies when moving to a new ticker). A type this family does not take, or a rate
+    above `max_rate`, is refused."""
+    trials = []
+    for spec in (item.strip() for item in tune_cfg.warm_start.split(",") if item.strip()):
+        model = read_any_config(spec, tune_cfg.storage).model
+        if model.dropout_type not in applicable_types(cfg.model.model, cfg.model.num_layers):
+            raise InputError(f"warm start {spec}: dropout type {model.dropout_type!r} is not in this study's space")
+        if model.dropout_rate > tune_cfg.max_rate:
+            raise InputError(f"warm start {spec}: rate {model.dropout_rate} is above max_rate {tune_cfg.max_rate}")
+        params: dict[str, Any] = {"dropout_type": model.dropout_type}
+        if model.dropout_type != "none":
+            params["dropout_rate"] = model.dropout_rate
+        trials.append(params)
+    return trials
+
+
+def enqueue(study: optuna.Study, trials: list[dict[str, Any]]) -> None:
+    """Queue `trials` to run first; one the study has already tried (or queued) is not queued again."""
+    for params in trials:
+        study.enqueue_trial(params, skip_if_exists=True)
+
+
 def sample_model(trial: optuna.Trial, base: ModelConfig, max_rate: float) -> ModelConfig:
     """The trial's model config: the fixed one with a sampled dropout type and rate."""
     kind = trial.suggest_categorical("dropout_type", list(applicable_types(base.model, base.num_layers)))
@@ -120,31 +231,43 @@ def sample_model(trial: optuna.Trial, base: ModelConfig, max_rate: float) -> Mod
 
 
 class Progress:
-    """Terminal progress: an updating epoch line on a TTY, one line per trial everywhere."""
+    """Terminal progress: an updating epoch line on a TTY, one line per trial everywhere, counted per
+    process ("worker 2 [3/5]"; the label names the study's trial number)."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, worker: str = "") -> None:
         self.total = total
-        self.tty = sys.stderr.isatty()
+        self.done = 0
+        self.prefix = f"{worker} " if worker else ""
+        self.tty = not worker and sys.stderr.isatty()  # workers share the terminal: no updating line
 
     def epoch(self, label: str, epoch: int, max_epochs: int, val_loss: float) -> None:
         if self.tty:
             print(f"\r  {label}: epoch {epoch}/{max_epochs} val {val_loss:.4f}   ", end="", file=sys.stderr)
 
     def trial(self, number: int, label: str, outcome: str, seconds: float) -> None:
+        self.done += 1
         prefix = "\r" if self.tty else ""
-        print(f"{prefix}[{number + 1}/{self.total}]  {label}: {outcome}  ({seconds:.1f}s)", file=sys.stderr)
+        line = f"{self.prefix}[{self.done}/{self.total}]  {label}: {outcome}  ({seconds:.1f}s)"
+        print(prefix + line, file=sys.stderr)
 
 
 def make_objective(cfg: RunConfig, tune_cfg: TuneConfig, data: Windows, parent_id: str, progress: Progress):
-    """The Optuna objective: sample, train all seeds in one nested MLflow run, return the objective."""
+    """The Optuna objective: sample, train all seeds in one nested MLflow run, return the objective.
+
+    The trial keeps its run's id, its process and its summary as user attributes (`mlflow_run_id`,
+    `worker`, `metrics`), so the study alone rebuilds the trials table, whichever process ran the trial.
+    """
+    experiment_id = MlflowClient().get_run(parent_id).info.experiment_id  # children next to their parent
 
     def objective(trial: optuna.Trial) -> float:
         model_cfg = sample_model(trial, cfg.model, tune_cfg.max_rate)
         trial_cfg = dataclasses.replace(cfg, model=model_cfg)
         label = run_label(model_cfg, trial.number)
         started = time.perf_counter()
-        # parent_run_id explicitly: MLflow's active-run stack is per thread.
-        child = mlflow.start_run(run_name=label, nested=True, parent_run_id=parent_id)
+        # parent_run_id explicitly: MLflow's active-run stack is per thread (and per process).
+        child = mlflow.start_run(run_name=label, nested=True, parent_run_id=parent_id, experiment_id=experiment_id)
+        trial.set_user_attr("mlflow_run_id", child.info.run_id)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         curves = EpochLogger(child.info.run_id)
         mlflow.log_params({**trial_cfg.flat(), "trial_number": trial.number})
         mlflow.set_tags(
@@ -165,13 +288,15 @@ def make_objective(cfg: RunConfig, tune_cfg: TuneConfig, data: Windows, parent_i
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}: mean val loss {metrics['val_loss']:.4f}")
 
         try:
-            runs = train_seeds(model_cfg, cfg.train, data, on_epoch)
-            summary = summarize(runs, cfg.objective, data.naive_loss("val"))
+            runs = train_validation(model_cfg, cfg.train, data, on_epoch)
+            summary = summarize(runs, cfg.objective, data.naive_validation_loss())
+            summary["instability_term"] = summary[cfg.objective.instability]  # the part weighted by λ
             mlflow.log_metrics(summary)
+            trial.set_user_attr("metrics", summary)
             state, status = "COMPLETE", "FINISHED"
             outcome = (
                 f"objective {summary['objective']:.4f} (mean {summary['val_loss_mean']:.4f} "
-                f"+ {cfg.objective.penalty:g}·std {summary['val_loss_std']:.4f})"
+                f"+ {cfg.objective.penalty:g}·{cfg.objective.instability} {summary['instability_term']:.4f})"
             )
             return summary["objective"]
         except optuna.TrialPruned as exc:
@@ -191,10 +316,82 @@ def make_objective(cfg: RunConfig, tune_cfg: TuneConfig, data: Windows, parent_i
     return objective
 
 
+def _worker(tune_cfg: TuneConfig, cfg: RunConfig, data: Windows, parent_id: str, tracking_uri: str) -> None:
+    """One worker process: `n_trials` trials of the shared study, each a run nested under the parent."""
+    import torch
+
+    torch.set_num_threads(cfg.train.threads)
+    os.environ.pop("MLFLOW_RUN_ID", None)  # never resume the parent here: every trial is a new child run
+    mlflow.set_tracking_uri(tracking_uri)
+    study = load_study(tune_cfg, create=False)
+    progress = Progress(tune_cfg.n_trials, worker=current_process().name.replace("tune-", ""))
+    study.optimize(make_objective(cfg, tune_cfg, data, parent_id, progress), tune_cfg.n_trials, catch=(DivergedError,))
+
+
+def run_trials(tune_cfg: TuneConfig, cfg: RunConfig, data: Windows, study: optuna.Study, parent_id: str) -> None:
+    """`n_trials` trials here, or in each of `workers` spawned processes sharing the study's storage."""
+    if tune_cfg.workers < 1:
+        raise InputError(f"workers must be at least 1, got {tune_cfg.workers}")
+    if tune_cfg.workers == 1:
+        objective = make_objective(cfg, tune_cfg, data, parent_id, Progress(tune_cfg.n_trials))
+        study.optimize(objective, n_trials=tune_cfg.n_trials, catch=(DivergedError,))
+        return
+    shared = dataclasses.replace(tune_cfg, storage=storage_url(tune_cfg))  # the same file whatever the cwd
+    job = (shared, cfg, data, parent_id, mlflow.get_tracking_uri())
+    workers = [
+        get_context("spawn").Process(target=_worker, args=job, name=f"tune-worker {i + 1}")
+        for i in range(tune_cfg.workers)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        for worker in workers:
+            worker.join()
+    finally:  # on Ctrl-C each worker ends its own trial and run first; stop any that does not
+        for worker in workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.terminate()
+                worker.join()
+    failed = [f"{w.name}: exit code {w.exitcode}" for w in workers if w.exitcode]
+    if failed:
+        raise NoResultError(f"{len(failed)} of {len(workers)} tune workers failed ({', '.join(failed)}); see above")
+
+
+def join(tune_cfg: TuneConfig, cfg: RunConfig, data: Windows, study: optuna.Study) -> str:
+    """Run trials of a study started elsewhere, nested under its parent run; no table, no retrain.
+
+    Returns the parent's run id. The tracking store must be the study's (one server for every machine).
+    """
+    parent_id = study.user_attrs.get(PARENT_ATTR)
+    if not parent_id:
+        raise InputError(
+            f"study {study.study_name!r} has no parent run to join: start it first "
+            "(`mlflow run .` or `python -m pipeline tune` with the same --study-name and --storage)"
+        )
+    try:
+        MlflowClient().get_run(parent_id)
+    except MlflowException:
+        raise InputError(
+            f"the parent run {parent_id} of study {study.study_name!r} is not in {mlflow.get_tracking_uri()}; "
+            f"set MLFLOW_TRACKING_URI to the study's store, {study.user_attrs.get(TRACKING_ATTR)}"
+        ) from None
+    run_trials(tune_cfg, cfg, data, study, parent_id)
+    return parent_id
+
+
 def tune(tune_cfg: TuneConfig, cfg: RunConfig, data: Windows, study: optuna.Study) -> TuneResult:
-    """Run the study inside the active (parent) MLflow run, then retrain and log the best config."""
+    """Run the study inside the active (parent) MLflow run, log the trials table, then retrain and log the
+    best config (once, here, whatever the number of workers)."""
     parent = mlflow.active_run()
-    log_params_once({**fixed_options(cfg), "n_trials": tune_cfg.n_trials, "max_rate": tune_cfg.max_rate})
+    log_params_once(
+        {
+            **fixed_options(cfg),
+            "n_trials": tune_cfg.n_trials,
+            "max_rate": tune_cfg.max_rate,
+            "workers": tune_cfg.workers,
+        }
+    )
     mlflow.set_tags(
         {
             "pipeline.kind": "study",
@@ -203,8 +400,11 @@ def tune(tune_cfg: TuneConfig, cfg: RunConfig, data: Windows, study: optuna.Stud
             "types": ",".join(applicable_types(cfg.model.model, cfg.model.num_layers)),
         }
     )
-    objective = make_objective(cfg, tune_cfg, data, parent.info.run_id, Progress(tune_cfg.n_trials))
-    study.optimize(objective, n_trials=tune_cfg.n_trials, catch=(DivergedError,))
+    # Before any trial: workers (here or joining from elsewhere) find the parent through the study.
+    study.set_user_attr(PARENT_ATTR, parent.info.run_id)
+    study.set_user_attr(TRACKING_ATTR, mlflow.get_tracking_uri())
+    run_trials(tune_cfg, cfg, data, study, parent.info.run_id)
+    log_trials(study)
 
     completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not completed:
@@ -227,3 +427,113 @@ def tune(tune_cfg: TuneConfig, cfg: RunConfig, data: Windows, study: optuna.Stud
         best_trial_objective=best.value,
     )
     return TuneResult(study, best_cfg, final, model_uri)
+
+
+# --- the trials table on the parent run ------------------------------------------------------------------
+
+PARTS = ("val_loss_mean", "val_loss_std", *[m for m in INSTABILITY if m != "val_loss_std"], "instability_term")
+TRIAL_COLUMNS = ("trial", "state", "dropout_type", "dropout_rate", "objective", *PARTS)
+TRIAL_COLUMNS += ("epochs", "duration_s", "run_id", "worker", "fail_reason")
+
+
+def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    """One row per trial of the study (any state): sampled config, objective and its parts, cost, run id.
+
+    Values a trial does not have (the objective of a pruned trial) are empty; `epochs` is the last epoch
+    it reported.
+    """
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        metrics = trial.user_attrs.get("metrics", {})
+        rows.append(
+            {
+                "trial": trial.number,
+                "state": trial.state.name,
+                "dropout_type": trial.params.get("dropout_type", ""),
+                "dropout_rate": trial.params.get("dropout_rate", 0.0),
+                "objective": trial.value if trial.value is not None else "",
+                **{part: metrics.get(part, "") for part in PARTS},
+                "epochs": max(trial.intermediate_values, default=0),
+                "duration_s": round(trial.duration.total_seconds(), 3) if trial.duration else "",
+                "run_id": trial.user_attrs.get("mlflow_run_id", ""),
+                "worker": trial.user_attrs.get("worker", ""),  # host:pid of the process that ran it
+                "fail_reason": trial.user_attrs.get("fail_reason", ""),
+            }
+        )
+    return rows
+
+
+def trials_csv(rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=TRIAL_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def trials_figure(rows: list[dict[str, Any]], title: str, path: Path) -> None:
+    """Objective per trial and against the rate, one colour per dropout type; pruned and failed trials as
+    marks on the trial axis; the best trial starred."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r["state"] == "COMPLETE"]
+    kinds = sorted({r["dropout_type"] for r in rows})
+    colour = {kind: plt.get_cmap("tab10")(i % 10) for i, kind in enumerate(kinds)}
+    fig, (by_trial, by_rate) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for kind in kinds:
+        mine = [r for r in done if r["dropout_type"] == kind]
+        if mine:
+            objectives = [r["objective"] for r in mine]
+            by_trial.scatter([r["trial"] for r in mine], objectives, color=colour[kind], label=kind, zorder=3)
+            by_rate.scatter([r["dropout_rate"] for r in mine], objectives, color=colour[kind], label=kind, zorder=3)
+    for state, marker, name in (("PRUNED", "|", "pruned"), ("FAIL", "x", "failed")):
+        numbers = [r["trial"] for r in rows if r["state"] == state]
+        if numbers:  # at the bottom edge: they have no objective
+            by_trial.scatter(
+                numbers, [0.02] * len(numbers), marker=marker, color="grey", label=name,
+                transform=by_trial.get_xaxis_transform(), zorder=3,
+            )  # fmt: skip
+    if done:
+        best = min(done, key=lambda r: r["objective"])
+        for ax, x in ((by_trial, best["trial"]), (by_rate, best["dropout_rate"])):
+            ax.scatter([x], [best["objective"]], s=220, marker="*", facecolor="none", edgecolor="black", zorder=4)
+        by_trial.annotate(
+            f"best: trial {best['trial']}, {best['dropout_type']}"
+            + (f" p={best['dropout_rate']:.2f}" if best["dropout_type"] != "none" else ""),
+            (best["trial"], best["objective"]), textcoords="offset points", xytext=(8, 8), fontsize=8,
+        )  # fmt: skip
+    else:
+        by_trial.text(0.5, 0.5, "no trial completed", transform=by_trial.transAxes, ha="center")
+    by_trial.set(xlabel="trial", ylabel="objective (lower is better)", title="objective per trial")
+    by_trial.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    for ax in (by_trial, by_rate):
+        ax.margins(0.08)
+        ax.grid(alpha=0.3)
+    by_rate.set(xlabel="dropout rate", ylabel="objective", title="objective against dropout rate")
+    if by_trial.get_legend_handles_labels()[0]:
+        by_trial.legend(fontsize=8, title="dropout type", title_fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def log_trials(study: optuna.Study) -> list[dict[str, Any]]:
+    """Write `trials.csv` and `trials.png` (every trial of the study so far) to the active (parent) run."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # a trial whose worker died: FAIL, not RUNNING forever
+    rows = trial_rows(study)
+    log_text_artifact(trials_csv(rows), "trials.csv")
+    counts = {state: sum(r["state"] == state for r in rows) for state in ("COMPLETE", "PRUNED", "FAIL")}
+    title = (
+        f"study {study.study_name}: {len(rows)} trials, {counts['COMPLETE']} complete, "
+        f"{counts['PRUNED']} pruned, {counts['FAIL']} failed"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        trials_figure(rows, title, Path(tmp) / "trials.png")
+        mlflow.log_artifact(str(Path(tmp) / "trials.png"))
+    return rows
