@@ -9,16 +9,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pipeline.config import SECTIONS, RunConfig, coerce
 from pipeline.errors import InputError, NoResultError
-from pipeline.ingest import IngestConfig, QualityReport, load_prices_with_report
+from pipeline.ingest import IngestConfig, Series, load_series, store_csv
 from pipeline.models import FAMILIES, PRESETS, applicable_types, check_model_config, dropout_effective
 from pipeline.stability import INSTABILITY, check_objective_config
 from pipeline.sweep import SweepConfig
@@ -26,13 +27,20 @@ from pipeline.train import check_train_config
 from pipeline.tune import TuneConfig, default_study_name, run_label
 from pipeline.windows import Windows, make_windows
 
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+
 HELP = {
     "ticker": "ticker: ^GSPC and MSFT are shipped in data/; others are downloaded with yfinance and cached",
-    "csv": "read prices from this CSV file instead of a ticker",
+    "tickers": "comma-separated tickers pooled for training (windows never cross tickers; one scaler each)",
+    "csv": "read prices from this CSV file instead of a ticker; `ingest` also stores it in data/cache/ "
+    "as --ticker NAME (default: the file's stem)",
     "price_column": "the close to use: Close, or Adj Close (then Open/High/Low are adjusted by the same factor)",
     "window": "days of history per sample",
     "train_frac": "fraction of rows in the train part (chronological)",
     "val_frac": "fraction of rows in the validation part; the test part is the rest",
+    "embargo": "windows of rows left out between train, val and test (at least 1)",
+    "folds": "walk-forward validation: k >= 2 expanding folds over train+val scored by the objective; 0: one split",
     "model": f"model family: {', '.join(FAMILIES)}",
     "hidden_size": "hidden units (recurrent) or channels (cnn)",
     "num_layers": "stacked recurrent layers, or conv blocks for cnn",
@@ -50,15 +58,19 @@ HELP = {
     "penalty": "λ in objective = mean + λ·std of validation losses",
     "last_k": "epochs per seed entering the objective",
     "instability": f"the objective's instability term: {', '.join(INSTABILITY)}",
-    "n_trials": "Optuna trials to run",
+    "n_trials": "Optuna trials to run (per worker process)",
     "study_name": "Optuna study name; an existing name resumes that study",
     "storage": "Optuna storage URL (default: sqlite:///optuna.db here)",
     "max_rate": "upper bound of the sampled dropout rate",
-    "config": "a saved config: YAML path or runs:/<run_id>/best_config.yaml",
+    "config": "a saved config: YAML path, runs:/<run_id>/best_config.yaml, or an Optuna study name (its best trial)",
+    "warm_start": "comma-separated earlier configs (YAML, runs:/ URI or study name) to try first in a new study",
     "types": "comma-separated dropout types to sweep (default: every type the family takes)",
     "rates": "comma-separated dropout rates to sweep",
-    "workers": "processes training grid points in parallel (one torch thread each)",
+    "workers": "processes in parallel, one torch thread each: grid points (sweep), or trials sharing the study (tune)",
+    "join": "true: only run trials of an existing study under its parent run (a worker on another machine)",
     "preset": f"a named example config: {', '.join(PRESETS)} (applied after --config, before other options)",
+    "model_uri": "the forecaster: models:/dropout-rnn@champion, models:/dropout-rnn/3, runs:/<run_id>/forecaster",
+    "prices_csv": "recent daily prices (any layout ingest reads), at least the model's window + 1 rows",
 }
 TUNE_OPTIONS = [*SECTIONS.values(), TuneConfig]
 NOT_TUNED = ("dropout_type", "dropout_rate", "as_written")  # what a study or sweep chooses itself
@@ -118,6 +130,8 @@ def build_parser() -> Parser:
 
     train = commands.add_parser("train", help="train one config with all its seeds and log the model")
     train.add_argument("--config", default="", help=HELP["config"])
+    train.add_argument("--storage", default="", help=f"{HELP['storage']}: where --config looks up a study name")
+    train.add_argument("--force", default="false", metavar="BOOL", help="retrain even if an earlier run matches")
     train.add_argument("--preset", default="", choices=["", *PRESETS], metavar="NAME", help=HELP["preset"])
     add_options(train, option_fields(SECTIONS.values()))
     train.set_defaults(handler=cmd_train)
@@ -131,18 +145,25 @@ def build_parser() -> Parser:
     report.add_argument("--out", default="", help="output folder (default: reports/<run id>)")
     report.set_defaults(handler=cmd_report)
 
+    predict = commands.add_parser("predict", help="next-day forecast of a logged forecaster from a price CSV")
+    predict.add_argument("--model", dest="model_uri", required=True, metavar="URI", help=HELP["model_uri"])
+    predict.add_argument("--csv", required=True, metavar="PATH", help=HELP["prices_csv"])
+    predict.set_defaults(handler=cmd_predict)
+
     types = commands.add_parser("types", help="list each model family's dropout types")
     types.set_defaults(handler=cmd_types)
     return parser
 
 
-def load_data(cfg: RunConfig) -> tuple[Windows, QualityReport]:
-    """Prices -> windows, with the data-quality record: every input error surfaces before MLflow starts."""
-    prices, quality = load_prices_with_report(cfg.ingest)
-    return make_windows(prices, cfg.window), quality
+def load_data(cfg: RunConfig) -> tuple[Windows, list[Series]]:
+    """Prices -> windows, with the series (and their quality records): every input error surfaces before
+    MLflow starts. Several tickers are pooled by name; one series keeps the plain single-series messages."""
+    series = load_series(cfg.ingest)
+    prices = {one.name: one.frame for one in series} if len(series) > 1 else series[0].frame
+    return make_windows(prices, cfg.window), series
 
 
-def prepare(cfg: RunConfig) -> tuple[Windows, QualityReport]:
+def prepare(cfg: RunConfig) -> tuple[Windows, list[Series]]:
     check_model_config(cfg.model)
     check_budget(cfg)
     return load_data(cfg)
@@ -163,26 +184,54 @@ def split_options(options: dict[str, Any], kind: type) -> tuple[Any, RunConfig]:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    cfg = IngestConfig(**given(args, option_fields([IngestConfig])))
-    _, report = load_prices_with_report(cfg)
+    """Validate a series and print its summary line. With --csv, also store it in the cache.
+
+    The stored series is named by --ticker when given, else by the file's stem made safe (letters, digits
+    and ^ = . _ - kept); `--ticker NAME` then loads it from the cache, never from yfinance.
+    """
+    options = given(args, option_fields([IngestConfig]))
+    cfg = IngestConfig(**options)
+    if not cfg.csv:
+        for one in load_series(cfg):
+            print(one.report.summary())
+        return 0
+    report, path = store_csv(cfg, name=options.get("ticker", ""))
     print(report.summary())
+    print(f"stored as {path.stem} in {path}; load it with --ticker {path.stem}")
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from pipeline.report import build_report
-    from pipeline.tracking import configure_tracking, log_params_once, tracked_run
-    from pipeline.tune import open_study, tune
+    from pipeline.serve import registry_lines
+    from pipeline.tracking import configure_tracking, log_data, tracked_run
+    from pipeline.tune import enqueue, join, open_study, tune, warm_start_trials
 
     tune_cfg, cfg = split_options(given(args, option_fields(TUNE_OPTIONS, skip=NOT_TUNED)), TuneConfig)
     if tune_cfg.n_trials < 1:
         raise InputError(f"n_trials must be at least 1, got {tune_cfg.n_trials}")
-    data, quality = prepare(cfg)
+    if tune_cfg.workers < 1:
+        raise InputError(f"workers must be at least 1, got {tune_cfg.workers}")
+    if tune_cfg.join and not tune_cfg.study_name:
+        raise InputError("--join needs the --study-name (and --storage) of the study to join")
+    if tune_cfg.join and os.environ.get("MLFLOW_RUN_ID"):
+        raise InputError("--join adds trials to a study's parent run: use `python -m pipeline tune`, not `mlflow run`")
+    data, series = prepare(cfg)
     tune_cfg = dataclasses.replace(tune_cfg, study_name=tune_cfg.study_name or default_study_name(cfg))
+    warm = warm_start_trials(tune_cfg, cfg)
     study = open_study(tune_cfg, cfg)
+    enqueue(study, warm)
     uri = configure_tracking()
+    if tune_cfg.join:
+        parent_id = join(tune_cfg, cfg, data, study)
+        print(
+            f"joined study {tune_cfg.study_name!r}: ran {tune_cfg.workers} × {tune_cfg.n_trials} trial(s) under "
+            f"parent run {parent_id}; the study's main process writes the table and retrains the best\n"
+            f"  compare trials: mlflow ui --backend-store-uri {uri}"
+        )
+        return 0
     with tracked_run(tune_cfg.study_name) as parent:
-        log_params_once(quality.as_params())
+        log_data(series)
         result = tune(tune_cfg, cfg, data, study)
         report = build_report(parent.info.run_id, Path("reports") / tune_cfg.study_name)[0]
     best, final = result.best_cfg.model, result.final
@@ -194,6 +243,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         f"  test MSE {final.test_loss:.4f} vs naive zero-return {final.naive_test_loss:.4f} "
         f"(skill {final.test_skill:+.2%}){'' if final.test_skill > 0 else ': does NOT beat the naive forecast'}\n"
         f"  parent run {parent.info.run_id}; model {result.model_uri}\n"
+        f"{registry_lines(final.registration, result.model_uri)}\n"
         f"  report: {report.resolve()} (also on the parent run)\n"
         f"  compare trials: mlflow ui --backend-store-uri {uri}\n"
         f"  reuse: mlflow run . -e train -P config=runs:/{parent.info.run_id}/best_config.yaml --env-manager local"
@@ -203,15 +253,31 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.final import fit_and_log
-    from pipeline.tracking import EpochLogger, configure_tracking, log_params_once, read_config, tracked_run
+    from pipeline.serve import registry_lines
+    from pipeline.tracking import (
+        EpochLogger,
+        configure_tracking,
+        data_digest,
+        git_tags,
+        log_data,
+        log_params_once,
+        reusable_run,
+        tracked_run,
+    )
     from pipeline.train import epoch_metrics
+    from pipeline.tune import read_any_config
 
     fields = option_fields(SECTIONS.values())
     uri = configure_tracking()
-    base = read_config(args.config) if args.config else RunConfig()
+    base = read_any_config(args.config, args.storage) if args.config else RunConfig()
     cfg = base.with_options({**PRESETS.get(args.preset, {}), **given(args, fields)})
-    data, quality = prepare(cfg)
+    data, series = prepare(cfg)
+    if not coerce(args.force, False, "force", "--force"):
+        earlier = reusable_run({**cfg.flat(), "data_digest": data_digest(series)}, git_tags())
+        if earlier is not None:
+            return reuse(earlier)
     tags = {
+        "pipeline.kind": "train",
         "config_source": args.config or "options",
         "preset": args.preset or "none",
         "dropout_effective": str(dropout_effective(cfg.model)).lower(),
@@ -223,7 +289,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     with tracked_run(run_label(cfg.model), tags=tags) as run:
-        log_params_once({**cfg.flat(), **quality.as_params()})
+        log_params_once(cfg.flat())
+        log_data(series)
         curves = EpochLogger(run.info.run_id)
         try:
             result, model_uri = fit_and_log(
@@ -235,25 +302,42 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{run_label(cfg.model)}: objective {result.summary['objective']:.4f}, "
         f"test MSE {result.test_loss:.4f} vs naive {result.naive_test_loss:.4f} "
         f"(skill {result.test_skill:+.2%})\n  run {run.info.run_id}; model {model_uri}\n"
+        f"{registry_lines(result.registration, model_uri)}\n"
         f"  open: mlflow ui --backend-store-uri {uri}"
+    )
+    return 0
+
+
+def reuse(earlier: Run) -> int:
+    """Report the earlier run that made this stage's result; under `mlflow run`, point the project's run at it."""
+    from pipeline.tracking import tracked_run
+
+    run_id = earlier.info.run_id
+    if os.environ.get("MLFLOW_RUN_ID"):
+        with tracked_run(earlier.info.run_name, tags={"reused_run_id": run_id, "pipeline.kind": "train-reused"}):
+            pass
+    print(
+        f"reusing run {run_id} ({earlier.info.run_name}): same config, data and commit, nothing retrained "
+        f"(--force true retrains)\n  forecaster runs:/{run_id}/forecaster"
     )
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from pipeline.report import build_report
-    from pipeline.sweep import families, grid, run_sweep
-    from pipeline.tracking import configure_tracking, log_params_once, tracked_run
+    from pipeline.sweep import check_sweep, families, grid, run_sweep
+    from pipeline.tracking import configure_tracking, log_data, tracked_run
 
     sweep_cfg, cfg = split_options(given(args, sweep_fields()), SweepConfig)
     points = grid(sweep_cfg, cfg.model)  # refuses unknown families, types and rates before anything runs
+    check_sweep(sweep_cfg, cfg)
     check_budget(cfg)
-    data, quality = load_data(cfg)
+    data, series = load_data(cfg)
     uri = configure_tracking()
     name = f"sweep-{'-'.join(families(cfg.model.model))}-{datetime.now():%Y%m%d-%H%M%S}"
     print(f"{name}: {len(points)} configs × {sweep_cfg.seeds} seeds, {sweep_cfg.workers} workers", file=sys.stderr)
     with tracked_run(name) as parent:
-        log_params_once(quality.as_params())
+        log_data(series)
         run_sweep(sweep_cfg, cfg, data)
         report = build_report(parent.info.run_id, Path("reports") / name)[0]
     print(
@@ -270,6 +354,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     configure_tracking()
     files = build_report(args.run_id, Path(args.out or Path("reports") / args.run_id))
     print(f"report: {files[0].resolve()} ({len(files) - 1} figures; logged to run {args.run_id} under report/)")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pipeline.serve import forecast_line, load_forecaster, predict_frame, read_input_csv
+    from pipeline.tracking import configure_tracking
+
+    frame = read_input_csv(Path(args.csv))  # a bad file fails before MLflow is touched
+    configure_tracking()
+    model = load_forecaster(args.model_uri)
+    row = predict_frame(model, frame, args.csv).iloc[0]
+    print(forecast_line(row, model.unwrap_python_model().settings.price_column))
     return 0
 
 

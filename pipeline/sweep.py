@@ -9,7 +9,7 @@ Out: one `ConfigResult` per grid point (its summary over seeds, per-seed metrics
 Paired design: within a family, seed s gives every type and rate the same initial weights, the same
 batch order and the same starting random state for the masks (see `SeedRun`); only the dropout differs.
 Comparisons against `none` are then paired per seed, which detects effects of a few percent that
-unpaired tests over a handful of seeds cannot. `tests/test_sweep.py` checks the pairing.
+unpaired tests over a handful of seeds cannot. `tests/test_report.py` checks the pairing.
 
 Each grid point trains in a worker process (one torch thread each; `workers` processes at once); only
 the parent process writes to MLflow, so a SQLite store sees one writer.
@@ -125,10 +125,18 @@ def _worker(args: tuple) -> ConfigResult:
     return train_point(model_cfg, label, cfg, data)
 
 
-def run_sweep(sweep: SweepConfig, cfg: RunConfig, data: Windows) -> list[ConfigResult]:
-    """Train the grid (in `sweep.workers` processes) and log it under the active MLflow run."""
+def check_sweep(sweep: SweepConfig, cfg: RunConfig) -> None:
+    """Refuse a sweep the report could not analyse, before anything runs."""
     if sweep.seeds < 2:
         raise InputError(f"a sweep needs at least 2 seeds for paired comparisons, got {sweep.seeds}")
+    if cfg.window.folds:
+        # The paired per-seed statistics of the report assume one validation curve per seed.
+        raise InputError("folds (walk-forward validation) applies to tune's objective; a sweep uses one split")
+
+
+def run_sweep(sweep: SweepConfig, cfg: RunConfig, data: Windows) -> list[ConfigResult]:
+    """Train the grid (in `sweep.workers` processes) and log it under the active MLflow run."""
+    check_sweep(sweep, cfg)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seeds=sweep.seeds))
     points = grid(sweep, cfg.model)
     parent = mlflow.active_run()

@@ -31,6 +31,16 @@ BAD_INPUT = [
     (["sweep", "--model", "cnn", "--types", "zoneout"], "does not apply to the cnn family"),
     (["sweep", "--seeds", "1", "--model", "xyz"], "unknown model 'xyz': choose one of rnn, lstm, cnn, or all"),
     (["ingest", "--ticker", "../../etc/passwd"], "invalid ticker '../../etc/passwd'"),
+    (["train", "--config", "no-such-study"], "no study 'no-such-study': there is no Optuna storage sqlite:///"),
+    (["tune", "--warm-start", "no-such-study"], "no study 'no-such-study': there is no Optuna storage sqlite:///"),
+    (["tune", "--embargo", "0"], "embargo must be at least 1 window between parts, got 0"),
+    (["tune", "--folds", "1"], "folds must be 0 (one validation split) or at least 2, got 1"),
+    (["tune", "--folds", "400"], "walk-forward fold 1 of 400: window 30 is too long for the series: its val part"),
+    (["sweep", "--folds", "3"], "folds (walk-forward validation) applies to tune's objective; a sweep uses one split"),
+    (["sweep", "--seeds", "1"], "a sweep needs at least 2 seeds for paired comparisons, got 1"),
+    (["tune", "--tickers", "^GSPC,MSFT,^GSPC"], "tickers listed more than once: ^GSPC"),
+    (["tune", "--tickers", "^GSPC,MSFT", "--csv", "prices.csv"], "give either --csv or --tickers, not both"),
+    (["tune", "--tickers", "^GSPC,NO-SUCH-TICKER-XYZ"], "no data for ticker 'NO-SUCH-TICKER-XYZ'"),
 ]
 
 
@@ -114,3 +124,76 @@ def test_train_preset_of_the_articles_builtin_rnn_is_flagged_as_no_dropout(capsy
         "1",
         "True",
     )
+
+
+def test_ingest_of_several_tickers_prints_one_line_each(capsys):
+    assert main(["ingest", "--tickers", "MSFT,^GSPC"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["MSFT", "^GSPC"]
+    assert lines[1].startswith("^GSPC: 5031 rows kept of 5031 read, 1999-01-04 .. 2018-12-31")
+
+
+def test_tune_pools_tickers_with_walk_forward_folds_and_logs_what_it_trained_on(tmp_path):
+    """Two shipped tickers pooled, a 2-fold walk-forward objective: the trial validates on both folds, and
+    the parent run records both series (params, data_quality.json, dataset inputs)."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    args = ["tune", "--tickers", "^GSPC,MSFT", "--folds", "2", "--window", "10", "--n-trials", "1"]
+    result = run_cli([*args, "--seeds", "1", "--max-epochs", "1", "--hidden-size", "4"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    trial = next(r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
+    params = parent.data.params
+    assert (params["data_source"], params["data_series"]) == ("^GSPC,MSFT", "2")
+    assert params["data_rows_kept"] == str(5031 + 7983)
+    assert (params["data_first_date"], params["data_last_date"]) == ("1986-03-13", "2018-12-31")
+    assert (params["tickers"], params["folds"]) == ("^GSPC,MSFT", "2")
+    quality_file = client.download_artifacts(parent.info.run_id, "data_quality.json", str(tmp_path))
+    quality = json.loads(Path(quality_file).read_text())
+    assert [(q["source"], q["rows_kept"]) for q in quality] == [("^GSPC", 5031), ("MSFT", 7983)]
+    assert sorted(d.dataset.name for d in parent.inputs.dataset_inputs) == ["MSFT", "^GSPC"]
+    assert {"val_loss_fold1_seed0", "val_loss_fold2_seed0"} <= set(trial.data.metrics)
+    assert trial.data.metrics["val_loss"] == pytest.approx(
+        (trial.data.metrics["val_loss_fold1_seed0"] + trial.data.metrics["val_loss_fold2_seed0"]) / 2
+    )
+
+
+def test_train_reuses_an_earlier_run_of_the_same_config_data_and_commit(tmp_path):
+    """Like MLflow's multistep example: same params (as strings) and the same clean commit -> reuse the run.
+    Runs from a committed copy of the project, so that the tree is clean whatever state this checkout is in."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    copy = tmp_path / "project"
+    shutil.copytree(ROOT / "pipeline", copy / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "data", copy / "data", ignore=shutil.ignore_patterns("cache"))
+    (copy / ".gitignore").write_text("mlflow.db\nmlartifacts/\nmlruns/\n__pycache__/\noptuna.db\nreports/\n")
+    git = ["git", "-C", str(copy), "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    for command in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "snapshot"]):
+        subprocess.run([*git, *command], check=True, capture_output=True)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{copy / 'mlflow.db'}", "PYTHONPATH": str(copy)}
+    args = [sys.executable, "-m", "pipeline", "train", "--window", "10", "--max-epochs", "1", "--seeds", "1"]
+
+    def train(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*args, *extra], cwd=copy, env=env, capture_output=True, text=True, timeout=300)
+
+    first = train()
+    assert first.returncode == 0, first.stderr[-2000:]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
+    assert (run.data.tags["git_dirty"], run.data.tags["pipeline.kind"]) == ("false", "train")
+    again = train()
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.startswith(f"reusing run {run.info.run_id} (")
+    assert "same config, data and commit, nothing retrained" in again.stdout
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # nothing new trained or logged
+    other = train("--seeds", "2")  # another config: trained
+    forced = train("--force", "true")  # the same config, forced: trained
+    assert other.returncode == forced.returncode == 0
+    assert "reusing" not in other.stdout + forced.stdout
+    assert len(client.search_runs([run.info.experiment_id])) == 3
