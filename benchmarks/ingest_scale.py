@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.ingest import clean_prices_with_report, read_price_csv
+from pipeline.clean import clean_prices_with_report, read_price_csv
 from pipeline.windows import WindowConfig, make_windows
 
 DAYS_PER_YEAR = 252
@@ -105,9 +105,14 @@ def main() -> None:
         "",
         "| phase | seconds | share of the time |",
         "|---|---|---|",
-        *(f"| {name} | {m[key]:.2f} | {m[key] / total:.0%} |" for name, key in [
-            ("read CSV (pandas parser)", "read"), ("validate and clean", "clean"), ("pool into windows", "windows")
-        ]),
+        *(
+            f"| {name} | {m[key]:.2f} | {m[key] / total:.0%} |"
+            for name, key in [
+                ("read CSV (pandas parser)", "read"),
+                ("validate and clean", "clean"),
+                ("pool into windows", "windows"),
+            ]
+        ),
         "",
         f"Windows hold {m['held_mb']:.1f} MB (features + sample starts); the same samples materialised as "
         f"(S, window, F) float32 would be {m['materialised_mb']:.0f} MB: ratio "

@@ -55,9 +55,9 @@ from mlflow.tracking import MlflowClient
 from mlflow.types.schema import AnyType, ColSpec, Schema
 from torch import nn
 
+from pipeline.clean import ALIASES, canonical_price_column, clean_prices, column_key, read_price_csv
 from pipeline.config import RunConfig
 from pipeline.errors import InputError
-from pipeline.ingest import ALIASES, canonical_price_column, clean_prices, column_key, read_price_csv
 from pipeline.models import ModelConfig, build_model, dropout_effective
 from pipeline.windows import Windows, make_features
 

@@ -156,9 +156,7 @@ class SeedRun:
             inputs, targets = self.data.inputs(batch), self.data.targets(batch)  # (B, T, F), (B,)
             loss = nn.functional.mse_loss(self.model(inputs), targets)
             if not torch.isfinite(loss):
-                raise DivergedError(
-                    f"non-finite training loss at epoch {epoch}, batch {len(losses) + 1} ({self.name})"
-                )
+                raise DivergedError(f"non-finite training loss at epoch {epoch}, batch {len(losses) + 1} ({self.name})")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             norms.append(grad_norm(self.model))

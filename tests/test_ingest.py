@@ -18,24 +18,12 @@ import pandas as pd
 import pytest
 import yfinance
 
-from pipeline import ingest
+from pipeline import cache, ingest
+from pipeline.cache import cache_path, flatten_download, load_ticker, read_cache_meta, write_atomic
+from pipeline.clean import MAX_FILL_DAYS, QualityReport, clean_prices, clean_prices_with_report, read_price_csv
 from pipeline.cli import main
 from pipeline.errors import InputError
-from pipeline.ingest import (
-    MAX_FILL_DAYS,
-    IngestConfig,
-    QualityReport,
-    cache_path,
-    clean_prices,
-    clean_prices_with_report,
-    flatten_download,
-    load_prices,
-    load_prices_with_report,
-    load_ticker,
-    read_cache_meta,
-    read_price_csv,
-    write_atomic,
-)
+from pipeline.ingest import IngestConfig, load_prices, load_prices_with_report
 
 COLUMNS = ["Open", "High", "Low", "Close", "Volume"]
 
@@ -98,7 +86,7 @@ def fake_download(monkeypatch):
 def sleeps(monkeypatch) -> list[float]:
     """Retries wait with time.sleep: record the waits instead of waiting."""
     waits: list[float] = []
-    monkeypatch.setattr(ingest.time, "sleep", waits.append)
+    monkeypatch.setattr(cache.time, "sleep", waits.append)
     return waits
 
 
@@ -334,12 +322,12 @@ def test_k3_empty_download_uses_existing_cache_with_warning(tmp_path, fake_downl
     before = {name: (cache_dir / name).read_bytes() for name in ("TEST.csv", "TEST.json")}
 
     fake = fake_download(empty_download())
-    with caplog.at_level(logging.WARNING, logger="pipeline.ingest"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.cache"):
         cached = load_ticker("TEST", cache_dir)
     pd.testing.assert_frame_equal(cached, fresh, check_index_type=False)
     assert cached.loc["2024-01-08", "Close"] == 103.1
     assert len(fake.calls) == 3
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "pipeline.ingest"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "pipeline.cache"]
     assert [w.getMessage() for w in warnings] == [
         f"yfinance gave no data for TEST in 3 attempts ({EMPTY_REASON}); using the cache {cache_dir / 'TEST.csv'}"
     ]
@@ -355,7 +343,7 @@ def test_k3_download_exception_falls_back_to_cache(tmp_path, fake_download, capl
     before = (cache_dir / "TEST.csv").read_bytes()
 
     fake = fake_download(exc=yfinance.exceptions.YFRateLimitError())
-    with caplog.at_level(logging.WARNING, logger="pipeline.ingest"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.cache"):
         cached = load_ticker("TEST", cache_dir)
     assert len(fake.calls) == 3
     np.testing.assert_array_equal(cached.to_numpy(), fresh.to_numpy())
@@ -382,7 +370,7 @@ def test_download_restores_yfinance_log_level(fake_download):
     yf_log.setLevel(logging.INFO)
     try:
         fake = fake_download(exc=RuntimeError("boom"))
-        raw, reason = ingest.download("TEST")
+        raw, reason = cache.download("TEST")
         assert raw is None
         assert reason == "RuntimeError: boom"
         assert len(fake.calls) == 3
@@ -613,7 +601,7 @@ def test_write_atomic_failure_keeps_previous_file(tmp_path, monkeypatch):
     def refuse(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ingest.os, "replace", refuse)
+    monkeypatch.setattr(cache.os, "replace", refuse)
     with pytest.raises(OSError, match="disk full"):
         write_atomic(small_frame(20.0), path)
     assert path.read_bytes() == before
@@ -632,7 +620,7 @@ def test_failed_cache_write_keeps_previous_cache(tmp_path, monkeypatch, fake_dow
     def refuse(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ingest.os, "replace", refuse)
+    monkeypatch.setattr(cache.os, "replace", refuse)
     with pytest.raises(OSError):
         load_ticker("TEST", cache_dir)
     assert (cache_dir / "TEST.csv").read_bytes() == before
@@ -747,7 +735,7 @@ def test_readjusted_overlap_triggers_a_full_download(tmp_path, fake_download, ca
         ]
     )
     load_ticker("TEST", cache_dir)
-    with caplog.at_level(logging.WARNING, logger="pipeline.ingest"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.cache"):
         frame = load_ticker("TEST", cache_dir)
     assert [only_start(call[1]) for call in fake.calls] == [
         {"period": "max"},
@@ -795,21 +783,21 @@ def test_crash_between_data_and_metadata_leaves_no_wrong_metadata(tmp_path, fake
     fake = fake_download(answers=[yf_frame(HISTORY), yf_frame({"2024-01-08": 104.0, **LATER}), yf_frame(HISTORY)])
     load_ticker("TEST", cache_dir)
     old_meta = (cache_dir / "TEST.json").read_bytes()
-    replace = ingest.os.replace
+    replace = cache.os.replace
 
     def crash_on_metadata(src, dst):
         if str(dst).endswith(".json"):
             raise OSError("killed")
         replace(src, dst)
 
-    monkeypatch.setattr(ingest.os, "replace", crash_on_metadata)
+    monkeypatch.setattr(cache.os, "replace", crash_on_metadata)
     with pytest.raises(OSError, match="killed"):
         load_ticker("TEST", cache_dir)
-    monkeypatch.setattr(ingest.os, "replace", replace)
+    monkeypatch.setattr(cache.os, "replace", replace)
     assert all_files(tmp_path) == ["cache/TEST.csv", "cache/TEST.json"]  # no temp file left
     assert len(parse(cache_dir / "TEST.csv")) == 7  # the new data is there ...
     assert (cache_dir / "TEST.json").read_bytes() == old_meta  # ... with the old metadata (5 rows)
-    with caplog.at_level(logging.WARNING, logger="pipeline.ingest"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.cache"):
         assert read_cache_meta(cache_dir / "TEST.csv") is None
     assert "does not describe the file" in caplog.records[0].getMessage()
     load_ticker("TEST", cache_dir)  # so the next refresh downloads everything and writes matching metadata
@@ -912,7 +900,7 @@ def test_failed_store_leaves_no_temp_file(tmp_path, data_dir, monkeypatch):
     def refuse(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ingest.os, "replace", refuse)
+    monkeypatch.setattr(cache.os, "replace", refuse)
     with pytest.raises(OSError, match="disk full"):
         ingest.store_csv(IngestConfig(csv=str(path)))
     assert all_files(tmp_path) == ["p.csv"]

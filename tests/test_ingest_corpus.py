@@ -15,20 +15,18 @@ import yaml
 import yfinance
 
 from pipeline import ingest
-from pipeline.cli import main
-from pipeline.errors import InputError
-from pipeline.ingest import (
+from pipeline.cache import read_cache_meta
+from pipeline.clean import (
     LARGE_MOVE,
-    IngestConfig,
     QualityReport,
     canonical_price_column,
     clean_prices,
     clean_prices_with_report,
-    load_prices,
-    load_prices_with_report,
-    read_cache_meta,
     read_price_csv,
 )
+from pipeline.cli import main
+from pipeline.errors import InputError
+from pipeline.ingest import IngestConfig, load_prices, load_prices_with_report
 
 ROOT = Path(__file__).resolve().parent.parent
 BAD = ROOT / "tests" / "data" / "bad"

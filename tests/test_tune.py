@@ -25,11 +25,11 @@ from pipeline.config import RunConfig
 from pipeline.errors import InputError, NoResultError
 from pipeline.models import ModelConfig
 from pipeline.tracking import git_tags, log_dataset, tracked_run
+from pipeline.trials import log_trials
 from pipeline.tune import (
     Progress,
     TuneConfig,
     join,
-    log_trials,
     make_objective,
     make_storage,
     open_study,

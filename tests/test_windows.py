@@ -376,11 +376,14 @@ def test_values_inside_the_embargo_change_nothing():
     assert not torch.equal(make_windows(changed, cfg).split("val")[0], base.split("val")[0])
 
 
-@pytest.mark.parametrize(("field", "value", "message"), [
-    ("embargo", 0, "embargo must be at least 1 window between parts, got 0"),
-    ("folds", 1, "folds must be 0 (one validation split) or at least 2, got 1"),
-    ("folds", -2, "folds must be 0 (one validation split) or at least 2, got -2"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("embargo", 0, "embargo must be at least 1 window between parts, got 0"),
+        ("folds", 1, "folds must be 0 (one validation split) or at least 2, got 1"),
+        ("folds", -2, "folds must be 0 (one validation split) or at least 2, got -2"),
+    ],
+)
 def test_embargo_and_folds_refused(field, value, message):
     with pytest.raises(InputError) as err:
         make_windows(ramp_prices(200), WindowConfig(**{field: value}))
