@@ -46,11 +46,6 @@ class NoAnswer(Exception):
     """yfinance gave no rows in ATTEMPTS calls; the message is the last reason."""
 
 
-def load_ticker(ticker: str, cache_dir: Path) -> pd.DataFrame:
-    """Download `ticker` with yfinance into the cache; offline or refused, fall back to the cache."""
-    return load_cached_ticker(ticker, cache_dir, "Close")[0]
-
-
 def load_cached_ticker(ticker: str, cache_dir: Path, price_column: str) -> tuple[pd.DataFrame, QualityReport]:
     """The clean series of `ticker` and its report, from the cache or yfinance; the cache is updated.
 
@@ -221,11 +216,6 @@ def read_cache_meta(path: Path) -> dict[str, Any] | None:
         log.warning("ignoring the cache metadata of %s: it does not describe the file (an interrupted write?)", path)
         return None
     return meta
-
-
-def write_atomic(frame: pd.DataFrame, path: Path) -> None:
-    """Write `frame` as CSV so that readers only ever see the old file or the complete new one."""
-    _write_bytes_atomic(frame.to_csv().encode(), path)
 
 
 def _write_bytes_atomic(data: bytes, path: Path) -> None:

@@ -19,7 +19,7 @@ import pytest
 import yfinance
 
 from pipeline import cache, ingest
-from pipeline.cache import cache_path, flatten_download, load_ticker, read_cache_meta, write_atomic
+from pipeline.cache import cache_path, flatten_download, load_cached_ticker, read_cache_meta, write_cache
 from pipeline.clean import MAX_FILL_DAYS, QualityReport, clean_prices, clean_prices_with_report, read_price_csv
 from pipeline.cli import main
 from pipeline.errors import InputError
@@ -101,6 +101,11 @@ def parse(path: Path) -> pd.DataFrame:
 
 def all_files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def load_ticker(ticker: str, cache_dir: Path) -> pd.DataFrame:
+    """The clean Close-priced series of `ticker` from yfinance (mocked) or the cache."""
+    return load_cached_ticker(ticker, cache_dir, "Close")[0]
 
 
 # --- the shipped series -------------------------------------------------------------------------
@@ -575,7 +580,7 @@ def test_no_rows_with_prices(tmp_path):
         parse(write(tmp_path / "none.csv", "Date,Open,Close\n2024-01-02,,\n2024-01-03,,\n"))
 
 
-# --- write_atomic -----------------------------------------------------------------------------
+# --- atomic cache writes ------------------------------------------------------------------------
 
 
 def small_frame(close: float) -> pd.DataFrame:
@@ -583,29 +588,30 @@ def small_frame(close: float) -> pd.DataFrame:
     return pd.DataFrame({"Close": [close, close + 1]}, index=idx)
 
 
-def test_write_atomic_leaves_no_temp_file(tmp_path):
+def test_cache_write_leaves_no_temp_file(tmp_path):
     path = tmp_path / "sub" / "X.csv"
-    write_atomic(small_frame(10.0), path)
-    assert all_files(tmp_path) == ["sub/X.csv"]
+    write_cache(small_frame(10.0), path, "yfinance", "none")
+    assert all_files(tmp_path) == ["sub/X.csv", "sub/X.json"]
     assert path.read_text() == "Date,Close\n2024-01-02,10.0\n2024-01-03,11.0\n"
-    write_atomic(small_frame(20.0), path)
-    assert all_files(tmp_path) == ["sub/X.csv"]
+    write_cache(small_frame(20.0), path, "yfinance", "none")
+    assert all_files(tmp_path) == ["sub/X.csv", "sub/X.json"]
     assert parse(path)["Close"].tolist() == [20.0, 21.0]
+    assert read_cache_meta(path)["rows"] == 2
 
 
-def test_write_atomic_failure_keeps_previous_file(tmp_path, monkeypatch):
+def test_cache_write_failure_keeps_previous_files(tmp_path, monkeypatch):
     path = tmp_path / "X.csv"
-    write_atomic(small_frame(10.0), path)
-    before = path.read_bytes()
+    write_cache(small_frame(10.0), path, "yfinance", "none")
+    before = path.read_bytes(), path.with_suffix(".json").read_bytes()
 
     def refuse(src, dst):
         raise OSError("disk full")
 
     monkeypatch.setattr(cache.os, "replace", refuse)
     with pytest.raises(OSError, match="disk full"):
-        write_atomic(small_frame(20.0), path)
-    assert path.read_bytes() == before
-    assert all_files(tmp_path) == ["X.csv"]
+        write_cache(small_frame(20.0), path, "yfinance", "none")
+    assert (path.read_bytes(), path.with_suffix(".json").read_bytes()) == before
+    assert all_files(tmp_path) == ["X.csv", "X.json"]
 
 
 def test_failed_cache_write_keeps_previous_cache(tmp_path, monkeypatch, fake_download):
