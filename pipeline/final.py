@@ -118,27 +118,28 @@ def fit_and_log(
     data: Windows,
     config_name: str,
     on_epoch: EpochHook | None = None,
-    register: bool = True,
     **record: Any,
 ) -> tuple[FinalResult, str]:
     """`fit_final`, then log its metrics, both models and the config (with the result) to the active run,
     and register the forecaster as `dropout-<family>` (`record` also goes into the version's tags).
 
     Returns the result and the URI to use: the registered version (`models:/dropout-rnn/3`), or the
-    forecaster's own URI when `register` is false or the registry refused.
+    forecaster's own URI when the registry refused (e.g. a tracking server without one).
     """
     result = fit_final(cfg, data, on_epoch)
     metrics = final_metrics(result)
     mlflow.log_metrics(metrics)
     torch_uri = log_final_model(result, data)
     model_uri = serve.log_forecaster(result.model, cfg, data)
-    if register:
-        tags = serve.version_tags(cfg, data, metrics, mlflow.active_run().info.run_id, **record)
-        try:
-            result.registration = serve.register(model_uri, serve.registered_name(cfg.model.model), tags)
-        except MlflowException as exc:  # e.g. a tracking server without a model registry
-            print(f"warning: the forecaster is logged but not registered: {exc}", file=sys.stderr)
+    tags = serve.version_tags(cfg, data, metrics, mlflow.active_run().info.run_id, **record)
+    try:
+        result.registration = serve.register(model_uri, serve.registered_name(cfg.model.model), tags)
+    except MlflowException as exc:  # e.g. a tracking server without a model registry
+        print(f"warning: the forecaster is logged but not registered: {exc}", file=sys.stderr)
     registered = result.registration.uri if result.registration else ""
+    # On the run too, so the UI's run page and the study report say where the model went and why.
+    decision = result.registration.reason if result.registration else "not registered"
+    mlflow.set_tags({"registered_model": registered or "none", "champion_decision": decision})
     extra = result_record(result, model_uri=torch_uri, forecaster_uri=model_uri, registered_model=registered, **record)
     log_config(cfg, config_name, extra=extra)
     return result, registered or model_uri

@@ -241,8 +241,38 @@ def sweep_report(rows: list[dict], records: list[dict], out: Path) -> list[Path]
     return [out / "index.html", *files]
 
 
+FEW_TRIALS = 20  # below this many completed trials the study page warns that importances are noise
+
+
+def final_section(run, trials: list) -> str:
+    """What the study produced: the best trial's config retrained with all seeds, tested once against the
+    naive forecast, and where its forecaster was registered. Empty when nothing was retrained."""
+    metrics, tags = run.data.metrics, run.data.tags
+    if "test_loss" not in metrics or "best_trial_number" not in metrics:
+        return ""
+    number = str(int(metrics["best_trial_number"]))
+    best = next((c for c in trials if c.data.params.get("trial_number") == number), None)
+    config = (
+        f"{best.data.params.get('dropout_type')}, rate {float(best.data.params.get('dropout_rate', 0)):.3f}"
+        if best
+        else "see best_config.yaml"
+    )
+    skill = metrics["test_skill"]
+    verdict = "beats" if skill > 0 else "does <b>not</b> beat"
+    return (
+        "<h2>Final model</h2>"
+        f"<p>Best trial {number} ({html.escape(config)}) retrained with all seeds: objective "
+        f"{metrics['objective']:.4f} (val mean {metrics['val_loss_mean']:.4f}). On the test part, touched only "
+        f"here: MSE {metrics['test_loss']:.4f} against {metrics['naive_test_loss']:.4f} for the naive "
+        f"zero-return forecast (skill {skill:+.2%}): it {verdict} the naive forecast.</p>"
+        f"<p>Forecaster: {html.escape(tags.get('registered_model', 'not registered'))}; "
+        f"{html.escape(tags.get('champion_decision', ''))}.</p>"
+    )
+
+
 def study_report(run, client, out: Path) -> list[Path]:
-    """Write a study's page: trials table, Optuna's history / importance / slice plots, naive baseline."""
+    """Write a study's page: trials table, the final model's test result and registry decision, Optuna's
+    history / importance / slice plots, naive baseline."""
     import optuna
 
     children = client.search_runs(
@@ -257,6 +287,7 @@ def study_report(run, client, out: Path) -> list[Path]:
         )
         if trials
         else "<p class='warn'>No trial completed.</p>",
+        final_section(run, trials),
         "<h2>Trials by objective</h2>",
         f"<p>{len(trials)} completed trials; {len(children) - len(trials)} pruned or failed trials have no "
         "objective and are not listed. Columns are defined in docs/metrics.md.</p>",
@@ -316,6 +347,12 @@ def study_report(run, client, out: Path) -> list[Path]:
             plt.close(figure)
             files.append(out / filename)
             sections.append(f"<h2>{filename[:-4]}</h2><img src='{filename}' alt='{filename[:-4]}'>")
+            if filename == "importances.png" and len(trials) < FEW_TRIALS:
+                sections.append(
+                    f"<p>Estimated from {len(trials)} completed trials: with fewer than {FEW_TRIALS}, Optuna's "
+                    "importances change from one study to the next; read them as a hint, not a measurement "
+                    "(a sweep measures each type and rate directly).</p>"
+                )
     (out / "index.html").write_text(page(f"Study report: {name or run.info.run_id}", sections))
     return [out / "index.html", *files]
 

@@ -171,6 +171,15 @@ def test_study_report_shows_trials_and_optuna_plots(finished_study, tmp_path):
     assert {f.name for f in files} >= {"index.html", "history.png", "slice.png"}
     assert "Trials by objective" in text
     assert f"{result.study.best_value:.4f}" in text  # the best trial's objective heads the table
+    final, best = result.final, result.study.best_trial
+    assert f"Best trial {best.number} ({best.params['dropout_type']}, rate " in text
+    assert f"MSE {final.test_loss:.4f} against {final.naive_test_loss:.4f}" in text
+    assert f"skill {final.test_skill:+.2%}" in text
+    assert f"Forecaster: {final.registration.uri};" in text
+    assert final.registration.reason in text
+    assert "Estimated from 3 completed trials: with fewer than 20" in text
+    tags = client.get_run(parent_id).data.tags
+    assert (tags["registered_model"], tags["champion_decision"]) == (final.registration.uri, final.registration.reason)
     assert {f"report/{f.name}" for f in files} == {a.path for a in client.list_artifacts(parent_id, "report")}
 
 
