@@ -241,6 +241,25 @@ def sweep_report(rows: list[dict], records: list[dict], out: Path) -> list[Path]
     return [out / "index.html", *files]
 
 
+def lay_out(figure) -> None:
+    """Size an Optuna figure for the page. A slice plot's colour bar is an axes of its own that tight_layout
+    does not move, so the panels are placed by hand beside it, with slanted tick labels (dropout type names
+    are long)."""
+    bars = [axis for axis in figure.axes if axis.get_label() == "<colorbar>"]
+    if not bars:
+        figure.set_size_inches(9, 3.6)
+        figure.tight_layout()
+        return
+    figure.set_size_inches(11, 4.2)
+    figure.subplots_adjust(left=0.09, right=0.87, bottom=0.3, top=0.88, wspace=0.25)
+    bars[0].set_position([0.9, 0.3, 0.015, 0.58])
+    for axis in figure.axes:
+        if axis not in bars:
+            axis.tick_params(axis="x", labelrotation=25)
+            for label in axis.get_xticklabels():
+                label.set_horizontalalignment("right")
+
+
 FEW_TRIALS = 20  # below this many completed trials the study page warns that importances are noise
 
 
@@ -339,10 +358,7 @@ def study_report(run, client, out: Path) -> list[Path]:
                 sections.append(f"<p>{filename[:-4]}: not available ({html.escape(str(exc))})</p>")
                 continue
             figure = np.ravel(axes)[0].figure
-            figure.set_size_inches(9, 3.6)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # slice plots carry a colour bar tight_layout cannot place
-                figure.tight_layout()
+            lay_out(figure)
             figure.savefig(out / filename, dpi=90)
             plt.close(figure)
             files.append(out / filename)

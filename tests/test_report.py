@@ -264,3 +264,31 @@ def test_spread_claim_counts_significantly_wider_configs():
     claim = spread_claim(spread_tests(by_config(rows)))
     assert claim.answer == "supported"
     assert claim.evidence.startswith("1 of 2 type×rate configs significantly wider than none, 0 narrower")
+
+
+def test_slice_plot_colour_bar_overlaps_no_panel_or_tick_label():
+    import warnings
+
+    import optuna
+
+    from pipeline.report import _pyplot, lay_out
+
+    study = optuna.create_study()
+    study.optimize(
+        lambda t: t.suggest_float("dropout_rate", 0, 0.6) + len(t.suggest_categorical("type", ["none", "weight_drop"])),
+        n_trials=4,
+    )
+    plt = _pyplot()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        figure = optuna.visualization.matplotlib.plot_slice(study)[0].figure
+    lay_out(figure)
+    renderer = figure.canvas.get_renderer()
+    bar = next(a for a in figure.axes if a.get_label() == "<colorbar>").get_window_extent(renderer)
+    panels = [a.get_tightbbox(renderer) for a in figure.axes if a.get_label() != "<colorbar>"]
+    plt.close(figure)
+    assert len(panels) == 2
+    assert all(panel.x1 < bar.x0 for panel in panels)  # tick labels included
+    assert panels[0].x1 < panels[1].x0
+    width, height = figure.get_size_inches() * figure.dpi
+    assert all(p.x0 >= 0 and p.y0 >= 0 and p.x1 <= width and p.y1 <= height for p in panels)
