@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.clean import QualityReport, clean_prices, clean_prices_with_report, read_price_csv
+from pipeline.clean import QualityReport, adjust, clean_prices, clean_prices_with_report, read_price_csv
 from pipeline.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,11 @@ def _download_once(ticker: str, start: str | None) -> tuple[pd.DataFrame | None,
 
 
 def flatten_download(raw: pd.DataFrame, ticker: str) -> pd.DataFrame:
-    """Flatten yfinance's (Price, Ticker) MultiIndex columns; refuse a frame with several tickers."""
+    """Flatten yfinance's (Price, Ticker) MultiIndex columns; refuse a frame with several tickers.
+
+    Old yfinance versions answer with flat columns and, where auto_adjust is not honoured, raw prices
+    beside `Adj Close`: those are adjusted here as auto_adjust would, so every version gives the same frame.
+    """
     if isinstance(raw.columns, pd.MultiIndex):
         level = raw.columns.names.index("Ticker") if "Ticker" in raw.columns.names else 1
         tickers = sorted(map(str, raw.columns.get_level_values(level).unique()))
@@ -158,7 +162,7 @@ def flatten_download(raw: pd.DataFrame, ticker: str) -> pd.DataFrame:
         raw = raw.droplevel(level, axis=1)
     raw = raw.copy()
     raw.columns.name = None
-    return raw
+    return adjust(raw) if "Adj Close" in raw.columns else raw
 
 
 # --- cache files: the series, then its metadata ------------------------------------------------

@@ -212,7 +212,7 @@ def clean_prices_with_report(
     if splits is not None:
         frame, applied, already = _apply_splits(frame, splits, source)
     if price_column == "Adj Close":
-        frame = _adjust(frame)
+        frame = adjust(frame)
     frame.index.name = "Date"
     moves = np.log(frame["Close"]).diff().abs() > LARGE_MOVE
     report = QualityReport(
@@ -290,8 +290,10 @@ def _apply_splits(frame: pd.DataFrame, splits: pd.Series, source: str) -> tuple[
     return frame, applied, already
 
 
-def _adjust(frame: pd.DataFrame) -> pd.DataFrame:
-    """Close := Adj Close; Open/High/Low times Adj Close / Close of their row, so each bar keeps its shape."""
+def adjust(frame: pd.DataFrame) -> pd.DataFrame:
+    """Close := Adj Close; Open/High/Low times Adj Close / Close of their row, so each bar keeps its shape.
+
+    This is what yfinance's auto_adjust does. In: numeric columns with Adj Close; out: without it."""
     adjusted = frame.pop("Adj Close")
     if "Close" in frame:
         factor = adjusted / frame["Close"]

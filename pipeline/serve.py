@@ -55,6 +55,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types.schema import AnyType, ColSpec, Schema
 from torch import nn
 
+from pipeline.cache import flatten_download
 from pipeline.clean import ALIASES, canonical_price_column, clean_prices, column_key, read_price_csv
 from pipeline.config import RunConfig
 from pipeline.errors import InputError
@@ -119,8 +120,9 @@ class ForecastSettings:
 
 def canonical_input(frame: pd.DataFrame) -> pd.DataFrame:
     """Rename date and price columns to their canonical spelling and drop the rest; a date column
-    (any spelling), else a date index, becomes the `Date` index. Values are left as they are."""
-    frame = frame.copy()
+    (any spelling), else a date index, becomes the `Date` index; a yfinance download's (Price, Ticker)
+    columns are flattened. Values are left as they are."""
+    frame = flatten_download(frame, SOURCE) if isinstance(frame.columns, pd.MultiIndex) else frame.copy()
     dates = [c for c in frame.columns if column_key(c) == "date"]
     if dates:
         frame = frame.set_index(dates[0])

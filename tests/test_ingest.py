@@ -204,6 +204,36 @@ def test_k1_load_ticker_writes_readable_cache(tmp_path, fake_download):
     assert cached.index.equals(frame.index)
 
 
+def test_old_flat_download_with_adj_close_gives_the_auto_adjusted_frame(tmp_path, fake_download):
+    """Old yfinance: flat columns, raw prices and Adj Close. Here a 2:1 split after 2024-01-04 (raw prices
+    before it are twice the adjusted ones) and a dividend factor of 0.99 before 2024-01-03."""
+    recent = k1_frame()
+    fake_download(recent)
+    expected = load_ticker("TEST", tmp_path / "new")
+    adjusted = flatten_download(recent, "TEST")
+    factor = pd.Series([0.5 * 0.99, 0.5, 0.5, 1.0, 1.0], index=adjusted.index)
+    old = adjusted[["Open", "High", "Low", "Close"]].div(factor, axis=0)
+    old["Adj Close"] = adjusted["Close"]
+    old["Volume"] = adjusted["Volume"]
+    assert old.loc["2024-01-03", "Close"] == 2 * 101.2  # what an unadjusted frame would train on
+    fake_download(old)
+    frame = load_ticker("TEST", tmp_path / "old")
+    pd.testing.assert_frame_equal(frame, expected, check_exact=False, rtol=1e-12)
+    assert frame.loc["2024-01-03", "Close"] == pytest.approx(101.2, rel=1e-12)
+    assert "Adj Close" not in parse(tmp_path / "old" / "TEST.csv").columns
+
+
+def test_tz_aware_download_east_of_utc_keeps_the_local_day(tmp_path, fake_download):
+    """A Tokyo-listed download: midnight local time is the previous day in UTC; the local day is kept."""
+    raw = k1_frame()
+    raw.index = raw.index.tz_localize("Asia/Tokyo").rename("Date")
+    fake_download(raw)
+    frame = load_ticker("TEST", tmp_path / "cache")
+    assert frame.index.tz is None
+    assert frame.index.equals(k1_frame().index)
+    assert frame.loc["2024-01-04", "Close"] == 100.8
+
+
 def test_k1_load_ticker_two_tickers_refused_and_nothing_cached(tmp_path, fake_download):
     fake_download(k1_frame(("TEST", "OTHER")))
     with pytest.raises(InputError) as err:

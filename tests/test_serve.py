@@ -102,6 +102,10 @@ def test_layouts_and_float32_give_the_same_forecast(pyfunc):
     # Any spelling of the names, through the model class itself (MLflow's schema matches names exactly).
     lower = wide.rename(columns=lambda c: c.lower().replace(" ", "_"))
     pd.testing.assert_frame_equal(pyfunc.unwrap_python_model().predict(None, lower), reference)
+    # A yfinance download as it comes: (Price, Ticker) columns in yfinance's order, a Date index.
+    download = indexed[["Close", "High", "Low", "Open", "Volume"]]
+    download.columns = pd.MultiIndex.from_product([download.columns, ["^GSPC"]], names=["Price", "Ticker"])
+    pd.testing.assert_frame_equal(pyfunc.unwrap_python_model().predict(None, download), reference)
     assert reference["date"].iloc[0] == "2018-12-31"
 
 
@@ -190,6 +194,21 @@ def test_input_example_is_the_last_train_rows(logged):
     assert dates == raw_rows(until=last_train, rows=11)["Date"].tolist()
 
 
+def test_logged_signature_names_every_input_column_and_requires_what_the_features_need(logged):
+    signature = mlflow.models.get_model_info(logged["uri"]).signature
+    inputs = {spec.name: (spec.type.to_dict(), spec.required) for spec in signature.inputs.inputs}
+    assert list(inputs) == ["Date", "Open", "High", "Low", "Close", "Adj Close", "Volume"]
+    required = [name for name, (_, needed) in inputs.items() if needed]
+    assert required == ["Open", "High", "Low", "Close", "Volume"]  # Date: a column or the index; Adj Close optional
+    assert {kind["type"] for kind, _ in inputs.values()} == {"any"}  # int64 volumes and float64 prices accepted
+    assert [(spec.name, spec.type.name) for spec in signature.outputs.inputs] == [
+        ("date", "string"),
+        ("last_close", "double"),
+        ("log_return", "double"),
+        ("close", "double"),
+    ]
+
+
 def test_champion_moves_only_when_better_on_the_same_test_period(logged):
     client, name = MlflowClient(), "dropout-champion-rule"
     base = client.get_model_version("dropout-rnn", "1").tags
@@ -241,6 +260,17 @@ def test_predict_cli_prints_the_forecast_for_the_day_after_the_last_row(logged, 
     # The same file with lower-case names and no Adj Close: the CLI renames columns as ingest does.
     raw_rows().drop(columns="Adj Close").rename(columns=str.lower).to_csv(tmp_path / "lower.csv", index=False)
     assert main(["predict", "--model", "models:/dropout-rnn/1", "--csv", str(tmp_path / "lower.csv")]) == 0
+    assert capsys.readouterr().out == line
+    # The same rows as `to_csv()` of a recent yfinance download writes them: Price / Ticker / Date header lines.
+    download = raw_rows().drop(columns="Adj Close").set_index("Date")[["Close", "High", "Low", "Open", "Volume"]]
+    download.columns = pd.MultiIndex.from_product([download.columns, ["^GSPC"]], names=["Price", "Ticker"])
+    download.to_csv(tmp_path / "download.csv")
+    assert (tmp_path / "download.csv").read_text().splitlines()[:3] == [
+        "Price,Close,High,Low,Open,Volume",
+        "Ticker,^GSPC,^GSPC,^GSPC,^GSPC,^GSPC",
+        "Date,,,,,",
+    ]
+    assert main(["predict", "--model", CHAMPION, "--csv", str(tmp_path / "download.csv")]) == 0
     assert capsys.readouterr().out == line
 
 
