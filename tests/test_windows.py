@@ -12,6 +12,8 @@ import torch
 
 from pipeline.errors import InputError
 from pipeline.ingest import IngestConfig, load_prices
+from pipeline.models import ModelConfig
+from pipeline.train import TrainConfig, train_validation
 from pipeline.windows import SPLITS, WindowConfig, fold_bounds, make_features, make_windows, part_bounds
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -533,3 +535,75 @@ def test_walk_forward_folds_leave_out_a_ticker_not_yet_listed():
     # In fold 3, B trains on its own 36 rows before the fold's train end (calendar 186), scaled by itself.
     b_features = make_features(prices["B"])
     np.testing.assert_allclose(w.folds[2].scalers["B"].mean_, b_features.iloc[:36].mean().to_numpy(), rtol=1e-10)
+
+
+# --- no look-ahead across every boundary ------------------------------------------------------------
+
+LOOK_AHEAD_CFG = WindowConfig(window=5, folds=3)
+
+
+def noisy_prices(n: int, seed: int) -> pd.DataFrame:
+    """A random walk with OHLC and volume around it: every feature varies, unlike the ramp."""
+    rng = np.random.default_rng(seed)
+    close = 100 * np.exp(np.cumsum(rng.normal(0, 0.01, n)))
+    prices = ramp_prices(n)
+    return prices.assign(Open=close * 0.99, High=close * 1.02, Low=close * 0.97, Close=close)
+
+
+def before_and_after(data, boundary: str):
+    """(the Windows, the parts before the boundary, the part right after it)."""
+    if boundary == "train|val":
+        return data, ["train"], "val"
+    if boundary == "val|test":
+        return data, ["train", "val"], "test"
+    fold = data.folds[int(boundary.split()[1]) - 1]
+    return fold, ["train"], "val"
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["one series", "pooled"])
+@pytest.mark.parametrize("boundary", ["train|val", "val|test", "fold 1", "fold 2", "fold 3"])
+def test_no_look_ahead_across_any_boundary(boundary, pooled):
+    """Change every price after the last date a part before the boundary uses: its inputs, targets, naive
+    forecast and every scaler stay bit-identical; the part after the boundary does change."""
+    prices = {"A": noisy_prices(300, 0), "B": noisy_prices(280, 1).iloc[20:]} if pooled else noisy_prices(300, 0)
+    base, before, after = before_and_after(make_windows(prices, LOOK_AHEAD_CFG), boundary)
+    last = max(base.target_dates(name).max() for name in before)  # a target is the last row a sample uses
+    rng = np.random.default_rng(2)
+
+    def shaken(frame: pd.DataFrame) -> pd.DataFrame:
+        frame = frame.copy()
+        later = frame.index > last
+        frame.loc[later] = frame.loc[later].to_numpy() * rng.uniform(0.5, 3.0, size=frame.loc[later].shape)
+        return frame
+
+    changed = {k: shaken(v) for k, v in prices.items()} if pooled else shaken(prices)
+    other, _, _ = before_and_after(make_windows(changed, LOOK_AHEAD_CFG), boundary)
+    for name in before:
+        rows = base.starts[name] + base.window
+        assert torch.equal(base.starts[name], other.starts[name])
+        assert torch.equal(base.inputs(base.starts[name]), other.inputs(other.starts[name]))
+        assert torch.equal(base.targets(base.starts[name]), other.targets(other.starts[name]))
+        assert torch.equal(base.naive_rows[rows], other.naive_rows[rows])
+    assert base.scalers.keys() == other.scalers.keys() and len(base.scalers) == (2 if pooled else 1)
+    for ticker, scaler in base.scalers.items():
+        np.testing.assert_array_equal(scaler.mean_, other.scalers[ticker].mean_)
+        np.testing.assert_array_equal(scaler.scale_, other.scalers[ticker].scale_)
+    assert not torch.equal(base.split(after)[0], other.split(after)[0])  # the change is seen after the boundary
+
+
+def test_training_and_validation_ignore_the_test_part():
+    """The whole objective side, trained: with only test-part prices changed, every seed's curves are
+    bit-identical, on the one split and on walk-forward folds."""
+    prices = noisy_prices(400, 3)
+    changed = prices.copy()
+    changed.iloc[-40:] *= 1.7  # inside the test part (the last 15% of 399 feature rows)
+    cfg = TrainConfig(max_epochs=2, seeds=2, batch_size=32)
+    model = ModelConfig(model="rnn", hidden_size=4, dropout_type="variational", dropout_rate=0.3)
+    for window_cfg in (WindowConfig(window=5), LOOK_AHEAD_CFG):
+        base, other = make_windows(prices, window_cfg), make_windows(changed, window_cfg)
+        assert not torch.equal(base.split("test")[0], other.split("test")[0])
+        runs = [train_validation(model, cfg, data) for data in (base, other)]
+        assert len(runs[0]) == cfg.seeds * max(1, window_cfg.folds)
+        for a, b in zip(*runs, strict=True):
+            assert [s.train_loss for s in a.history] == [s.train_loss for s in b.history]
+            assert a.val_curve == b.val_curve
