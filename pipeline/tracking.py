@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import subprocess
 import tempfile
 import time
@@ -34,7 +35,7 @@ import pandas as pd
 from mlflow.entities import Metric, Run
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import RunConfig, dump_yaml, load_yaml
+from pipeline.config import RunConfig, coerce, dump_yaml, load_yaml
 from pipeline.errors import InputError
 from pipeline.ingest import Series, pooled_params
 
@@ -183,9 +184,21 @@ def reusable_run(params: dict[str, Any], git: dict[str, str]) -> Run | None:
         "and tags.git_dirty = 'false' and attributes.status = 'FINISHED'"
     )
     for run in mlflow.search_runs(search_all_experiments=True, filter_string=query, output_format="list"):
-        if all(run.data.params.get(key) == str(value) for key, value in params.items()):
+        if all(same_param(run.data.params.get(key), value) for key, value in params.items()):
             return run
     return None
+
+
+def same_param(logged: str | None, value: Any) -> bool:
+    """Whether a logged param string means `value`. `mlflow run` logs each -P value as typed ("0.20" for
+    0.2) and strings shell-quoted ("'^GSPC'"), so the string is unquoted and read as `value`'s type."""
+    if logged is None:
+        return False
+    try:
+        words = shlex.split(logged)
+        return coerce(words[0] if len(words) == 1 else logged, value, "param") == value
+    except (InputError, ValueError):  # unbalanced quotes, or not a value of that type
+        return False
 
 
 def log_text_artifact(text: str, name: str, run_id: str | None = None) -> None:

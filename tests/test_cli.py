@@ -172,6 +172,8 @@ def test_train_reuses_an_earlier_run_of_the_same_config_data_and_commit(tmp_path
     copy = tmp_path / "project"
     shutil.copytree(ROOT / "pipeline", copy / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "data", copy / "data", ignore=shutil.ignore_patterns("cache"))
+    for name in ("MLproject", "conda.yaml"):
+        shutil.copy(ROOT / name, copy / name)
     (copy / ".gitignore").write_text("mlflow.db\nmlartifacts/\nmlruns/\n__pycache__/\noptuna.db\nreports/\n")
     git = ["git", "-C", str(copy), "-c", "user.name=test", "-c", "user.email=test@example.com"]
     for command in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "snapshot"]):
@@ -197,3 +199,47 @@ def test_train_reuses_an_earlier_run_of_the_same_config_data_and_commit(tmp_path
     assert other.returncode == forced.returncode == 0
     assert "reusing" not in other.stdout + forced.stdout
     assert len(client.search_runs([run.info.experiment_id])) == 3
+    # Under `mlflow run`, MLflow logs each -P value as typed ("0.0020"), and its own run is the stage's run.
+    # A later `mlflow run` of the same config spelled otherwise (0.002) reuses it: its run is pointed at
+    # the earlier one and ends FINISHED, with nothing trained.
+    path = os.pathsep.join([str(Path(sys.executable).parent), "/usr/bin", "/bin"])
+
+    def project(lr: str) -> subprocess.CompletedProcess:
+        options = ["-P", "window=10", "-P", "max_epochs=1", "-P", "seeds=1", "-P", f"lr={lr}", "-P", "ticker=^GSPC"]
+        command = [str(Path(sys.executable).parent / "mlflow"), "run", ".", "-e", "train", "--env-manager", "local"]
+        return subprocess.run(
+            [*command, *options], cwd=copy, env={**env, "PATH": path}, capture_output=True, text=True, timeout=300
+        )
+
+    typed = project("0.0020")
+    assert typed.returncode == 0 and "reusing" not in typed.stdout, typed.stderr[-2000:]
+    (earlier,) = client.search_runs([run.info.experiment_id], "params.lr = '0.0020'")
+    assert earlier.data.tags["pipeline.kind"] == "train"  # trained: the project's run is the stage's run
+    spelled = project("0.002")
+    assert spelled.returncode == 0, spelled.stderr[-2000:]
+    assert spelled.stdout.startswith(f"reusing run {earlier.info.run_id} (")
+    (reused,) = client.search_runs([run.info.experiment_id], "tags.`pipeline.kind` = 'train-reused'")
+    assert reused.info.status == "FINISHED" and reused.data.tags["reused_run_id"] == earlier.info.run_id
+    assert len(client.search_runs([run.info.experiment_id])) == 5  # 3 trained + 1 by mlflow run + 1 reused
+
+
+@pytest.mark.parametrize(
+    ("logged", "value", "same"),
+    [
+        ("0.20", 0.2, True),
+        ("0.2", 0.3, False),
+        ("'^GSPC'", "^GSPC", True),  # mlflow run's shell quoting
+        ("MSFT", "^GSPC", False),
+        ("10.0", 10, True),
+        ("10.5", 10, False),
+        ("true", True, True),
+        ("no", True, False),
+        ("", 0.2, False),
+        ("'a", "a", False),  # unbalanced quote
+        (None, 1, False),  # never logged
+    ],
+)
+def test_logged_params_are_compared_by_what_they_mean(logged, value, same):
+    from pipeline.tracking import same_param
+
+    assert same_param(logged, value) is same
