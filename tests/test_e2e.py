@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import optuna
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -118,6 +119,63 @@ def test_train_entry_reuses_the_best_config(main_job):
     assert new[0].data.params["max_epochs"] == "1"
     assert [m.step for m in client.get_metric_history(new[0].info.run_id, "val_loss")] == [1]
     assert "config.yaml" in {a.path for a in client.list_artifacts(new[0].info.run_id)}
+
+
+def study_parent(client: MlflowClient):
+    """The main job's study parent (the warm-start test adds a study on MSFT)."""
+    studies = [r for r in runs(client) if r.data.tags.get("pipeline.kind") == "study"]
+    (parent,) = [r for r in studies if r.data.params["ticker"] != "MSFT"]
+    return parent
+
+
+def newest_top_level_run(client: MlflowClient):
+    top = [r for r in runs(client) if "mlflow.parentRunId" not in r.data.tags]
+    return max(top, key=lambda r: r.info.start_time)
+
+
+def test_main_job_registers_the_champion_on_a_fresh_store(main_job):
+    _, _, client = main_job
+    parent = study_parent(client)
+    champion = client.get_model_version_by_alias("dropout-rnn", "champion")
+    assert str(champion.version) == "1" and champion.run_id == parent.info.run_id
+    assert champion.tags["champion_decision"] == "no champion yet: version 1 is champion"
+    assert champion.tags["data_source"] == "^GSPC" and champion.tags["test_last_date"] == "2018-12-31"
+
+
+def test_train_entry_takes_a_study_name_or_a_local_yaml(main_job):
+    """`-P config=` as the name of a study in the Optuna storage (its best trial) or a local YAML path."""
+    tmp, _, client = main_job
+    storage = f"sqlite:///{tmp / 'optuna.db'}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    best = summary.best_trial.params
+    parent = study_parent(client)
+    local = tmp / "best.yaml"
+    uri = client._tracking_client.tracking_uri
+    saved = mlflow.artifacts.download_artifacts(f"runs:/{parent.info.run_id}/best_config.yaml", tracking_uri=uri)
+    shutil.copy(saved, local)
+    for config in (summary.study_name, str(local)):
+        # force: the same config and data, trained before in this store, would otherwise be reused on a clean tree
+        options = ["-P", f"config={config}", "-P", f"storage={storage}", "-P", "max_epochs=1", "-P", "force=true"]
+        result = mlflow_run(tmp, "-e", "train", *options)
+        assert result.returncode == 0, result.stderr[-3000:]
+        run = newest_top_level_run(client)
+        assert run.info.status == "FINISHED" and run.data.tags["pipeline.kind"] == "train"
+        assert run.data.params["dropout_type"] == best["dropout_type"]
+        assert float(run.data.params["dropout_rate"]) == pytest.approx(best.get("dropout_rate", 0.0))
+        assert run.data.params["window"] == "30" and run.data.params["ticker"] == "^GSPC"  # the study's fixed options
+
+
+def test_warm_start_on_another_ticker_tries_the_earlier_best_first(main_job):
+    tmp, _, client = main_job
+    storage = f"sqlite:///{tmp / 'optuna.db'}"
+    (earlier,) = optuna.get_all_study_summaries(storage)
+    budget = ["-P", "n_trials=1", "-P", "seeds=1", "-P", "max_epochs=1", "-P", f"storage={storage}"]
+    result = mlflow_run(tmp, "-P", "ticker=MSFT", "-P", f"warm_start={earlier.study_name}", *budget)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (new,) = [s for s in optuna.get_all_study_summaries(storage) if s.study_name != earlier.study_name]
+    first = optuna.load_study(study_name=new.study_name, storage=storage).trials[0]
+    assert first.params == earlier.best_trial.params
+    assert newest_top_level_run(client).data.params["ticker"] == "MSFT"
 
 
 def test_bad_input_under_mlflow_run_fails_cleanly(tmp_path):
