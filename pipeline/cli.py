@@ -196,8 +196,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             print(one.report.summary())
         return 0
     report, path = store_csv(cfg, name=options.get("ticker", ""))
-    print(report.summary())
-    print(f"stored as {path.stem} in {path}; load it with --ticker {path.stem}")
+    print(f"{report.summary()}; stored as {path.stem} in {path} (load it with --ticker {path.stem})")
     return 0
 
 
@@ -205,15 +204,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from pipeline.report import build_report
     from pipeline.serve import registry_lines
     from pipeline.tracking import configure_tracking, log_data, tracked_run
-    from pipeline.tune import enqueue, join, open_study, tune, warm_start_trials
+    from pipeline.tune import check_tune_config, enqueue, join, open_study, tune, warm_start_trials
 
     tune_cfg, cfg = split_options(given(args, option_fields(TUNE_OPTIONS, skip=NOT_TUNED)), TuneConfig)
-    if tune_cfg.n_trials < 1:
-        raise InputError(f"n_trials must be at least 1, got {tune_cfg.n_trials}")
-    if tune_cfg.workers < 1:
-        raise InputError(f"workers must be at least 1, got {tune_cfg.workers}")
-    if tune_cfg.join and not tune_cfg.study_name:
-        raise InputError("--join needs the --study-name (and --storage) of the study to join")
+    check_tune_config(tune_cfg)
     if tune_cfg.join and os.environ.get("MLFLOW_RUN_ID"):
         raise InputError("--join adds trials to a study's parent run: use `python -m pipeline tune`, not `mlflow run`")
     data, series = prepare(cfg)

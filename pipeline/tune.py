@@ -71,6 +71,18 @@ class TuneConfig:
     warm_start: str = ""  # comma-separated earlier configs (YAML, runs:/ URI or study name) tried first
 
 
+def check_tune_config(cfg: TuneConfig) -> None:
+    """Refuse a study that could not run, before any study or run is created."""
+    if cfg.n_trials < 1:
+        raise InputError(f"n_trials must be at least 1, got {cfg.n_trials}")
+    if cfg.workers < 1:
+        raise InputError(f"workers must be at least 1, got {cfg.workers}")
+    if not 0 < cfg.max_rate < 1:
+        raise InputError(f"max_rate must be in (0, 1), got {cfg.max_rate}")
+    if cfg.join and not cfg.study_name:
+        raise InputError("--join needs the --study-name (and --storage) of the study to join")
+
+
 @dataclass
 class TuneResult:
     study: optuna.Study
@@ -328,8 +340,6 @@ def _worker(tune_cfg: TuneConfig, cfg: RunConfig, data: Windows, parent_id: str,
 
 def run_trials(tune_cfg: TuneConfig, cfg: RunConfig, data: Windows, study: optuna.Study, parent_id: str) -> None:
     """`n_trials` trials here, or in each of `workers` spawned processes sharing the study's storage."""
-    if tune_cfg.workers < 1:
-        raise InputError(f"workers must be at least 1, got {tune_cfg.workers}")
     if tune_cfg.workers == 1:
         objective = make_objective(cfg, tune_cfg, data, parent_id, Progress(tune_cfg.n_trials))
         study.optimize(objective, n_trials=tune_cfg.n_trials, catch=(DivergedError,))

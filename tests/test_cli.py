@@ -23,6 +23,7 @@ BAD_INPUT = [
     (["train", "--dropout-type", "builtin", "--dropout-rate", "0.3"], "needs num_layers >= 2"),
     (["train", "--config", "/no/such/config.yaml"], "config file not found: /no/such/config.yaml"),
     (["tune", "--n-trials", "0"], "n_trials must be at least 1, got 0"),
+    (["tune", "--max-rate", "1.5"], "max_rate must be in (0, 1), got 1.5"),
     (["tune", "--seeds", "0"], "seeds must be at least 1, got 0"),
     (["train", "--max-epochs", "0"], "max_epochs must be at least 1, got 0"),
     (["train", "--lr", "-1"], "lr must be positive, got -1.0"),

@@ -869,8 +869,8 @@ def test_ingest_csv_stores_the_series_and_the_name_loads_it_without_yfinance(tmp
     stored = data_dir / "cache" / "my_prices_2024.csv"
     out, err = capsys.readouterr()
     assert out.splitlines() == [
-        f"{path}: 2 rows kept of 2 read, 2024-01-02 .. 2024-01-03, columns Close, Volume; cleaned: nothing",
-        f"stored as my_prices_2024 in {stored}; load it with --ticker my_prices_2024",
+        f"{path}: 2 rows kept of 2 read, 2024-01-02 .. 2024-01-03, columns Close, Volume; cleaned: nothing; "
+        f"stored as my_prices_2024 in {stored} (load it with --ticker my_prices_2024)"
     ]
     assert err == ""
     assert all_files(data_dir) == ["cache/my_prices_2024.csv", "cache/my_prices_2024.json"]
@@ -896,7 +896,8 @@ def test_ingest_csv_with_an_explicit_name(tmp_path, data_dir, capsys, fake_downl
     path = write(tmp_path / "p.csv", "Date,Close,Stock Splits\n2024-01-02,100,0\n2024-01-03,51,2\n")
     assert main(["ingest", "--csv", str(path), "--ticker", "MINE.X"]) == 0
     stored = data_dir / "cache" / "MINE.X.csv"
-    assert capsys.readouterr().out.splitlines()[1] == f"stored as MINE.X in {stored}; load it with --ticker MINE.X"
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.endswith(f"; stored as MINE.X in {stored} (load it with --ticker MINE.X)")
     assert all_files(data_dir) == ["cache/MINE.X.csv", "cache/MINE.X.json"]
     assert read_cache_meta(stored)["adjustment"] == "split column: 1 split applied"
     assert load_prices(IngestConfig(ticker="MINE.X"))["Close"].tolist() == [50.0, 51.0]

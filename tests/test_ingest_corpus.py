@@ -103,12 +103,11 @@ def test_corpus_file_through_the_cli(name, capsys, tmp_path, monkeypatch, no_net
         return
     assert code == 0
     assert err == ""
-    lines = out.splitlines()
-    assert len(lines) == 2, lines
-    assert lines[0].startswith(f"{path}: {case['rows']} row{'' if case['rows'] == 1 else 's'} kept of ")
-    assert case.get("summary", "") in lines[0]
+    (line,) = out.splitlines()  # one summary line
+    assert line.startswith(f"{path}: {case['rows']} row{'' if case['rows'] == 1 else 's'} kept of ")
+    assert case.get("summary", "") in line
     cache = data_dir / "cache" / f"{path.stem}.csv"
-    assert lines[1] == f"stored as {path.stem} in {cache}; load it with --ticker {path.stem}"
+    assert line.endswith(f"; stored as {path.stem} in {cache} (load it with --ticker {path.stem})")
     assert stored == [f"{path.stem}.csv", f"{path.stem}.json"]
     assert read_cache_meta(cache)["source"] == f"csv:{path}"
     # The stored series is the clean frame, loaded by name from the cache without yfinance.
