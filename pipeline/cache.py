@@ -170,8 +170,8 @@ def flatten_download(raw: pd.DataFrame, ticker: str) -> pd.DataFrame:
 
 def cache_path(ticker: str, cache_dir: Path) -> Path:
     """The cache file of a ticker; names that could escape the cache folder are refused."""
-    if not SAFE_TICKER.match(ticker) or ticker.strip(".") == "":
-        raise InputError(f"invalid ticker {ticker!r}: use letters, digits and ^ = . _ - only")
+    if not SAFE_TICKER.match(ticker) or ticker.startswith("."):  # also no hidden files, no "." or ".."
+        raise InputError(f"invalid ticker {ticker!r}: use letters, digits and ^ = . _ - only, not starting with .")
     return cache_dir / f"{ticker}.csv"
 
 

@@ -119,6 +119,8 @@ def column_key(name: object) -> str:
 
 def read_price_csv(path: Path) -> pd.DataFrame:
     """Read a price CSV in any supported layout; columns and index are still raw strings/values."""
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not a CSV file")
     if not path.is_file():
         raise InputError(f"CSV file not found: {path}")
     try:  # utf-8-sig: spreadsheet exports often start with a byte-order mark
@@ -198,7 +200,11 @@ def clean_prices_with_report(
     frame = frame.ffill(limit=MAX_FILL_DAYS)
     missing = frame.isna().any(axis=1)
     if missing.any():
-        day = frame.index[missing.argmax()].date()
+        row = int(missing.argmax())
+        column = frame.columns[frame.iloc[row].isna().argmax()]
+        day = frame.index[row].date()
+        if frame[column].iloc[:row].isna().all():  # nothing earlier to carry forward
+            raise InputError(f"{source}: no {column} on {day} and no earlier {column} to fill it from")
         raise InputError(f"{source}: missing prices on {day} for longer than {MAX_FILL_DAYS} rows")
     prices = frame.drop(columns="Volume", errors="ignore")
     bad = (prices <= 0).any(axis=1)
@@ -338,6 +344,9 @@ def _us_dates(strings: pd.Index, iso: np.ndarray, source: str) -> pd.DatetimeInd
 
 def _to_float(column: pd.Series, name: str, source: str) -> pd.Series:
     values = pd.to_numeric(column, errors="coerce")
+    infinite = np.isinf(values)
+    if infinite.any():  # "inf" parses as a number, but no price or volume is infinite
+        raise InputError(f"{source}: infinite {name} value on {column.index[infinite.argmax()].date()}")
     bad = values.isna() & column.notna()
     if bad.any():
         day = column.index[bad.argmax()]

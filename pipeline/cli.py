@@ -345,8 +345,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     from pipeline.report import build_report
     from pipeline.tracking import configure_tracking
 
+    out = Path(args.out or Path("reports") / args.run_id)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder")
     configure_tracking()
-    files = build_report(args.run_id, Path(args.out or Path("reports") / args.run_id))
+    files = build_report(args.run_id, out)
     print(f"report: {files[0].resolve()} ({len(files) - 1} figures; logged to run {args.run_id} under report/)")
     return 0
 

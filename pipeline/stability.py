@@ -18,6 +18,7 @@ A config whose validation loss is low but jumps between epochs or between seeds 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -45,6 +46,8 @@ def check_objective_config(cfg: ObjectiveConfig) -> None:
         raise InputError(f"unknown instability measure {cfg.instability!r}: choose one of {', '.join(INSTABILITY)}")
     if cfg.last_k < 1:
         raise InputError(f"last_k must be at least 1, got {cfg.last_k}")
+    if not (math.isfinite(cfg.penalty) and cfg.penalty >= 0):  # a negative λ would reward unstable configs
+        raise InputError(f"penalty must be a finite number >= 0, got {cfg.penalty}")
 
 
 @dataclass(frozen=True)

@@ -158,8 +158,8 @@ def load_study(tune_cfg: TuneConfig, create: bool = True) -> optuna.Study:
         return optuna.load_study(storage=make_storage(storage), **options)
     except KeyError:
         raise InputError(
-            f"no study {tune_cfg.study_name!r} in {storage}: start it first "
-            "(`python -m pipeline tune --study-name ... --storage ...`), then join it"
+            f"no study {tune_cfg.study_name!r} in {storage} "
+            f"(list its studies with `optuna studies --storage {storage}`)"
         ) from None
     except (ValueError, ImportError, SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
         raise InputError(f"cannot open Optuna storage {storage!r}: {str(exc).splitlines()[0]}") from None

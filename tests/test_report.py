@@ -292,3 +292,18 @@ def test_slice_plot_colour_bar_overlaps_no_panel_or_tick_label():
     assert panels[0].x1 < panels[1].x0
     width, height = figure.get_size_inches() * figure.dpi
     assert all(p.x0 >= 0 and p.y0 >= 0 and p.x1 <= width and p.y1 <= height for p in panels)
+
+
+def test_spread_is_not_tested_with_fewer_than_four_seeds():
+    """Two seeds a config: Levene's p would be ~1e-26 for any difference; the claim says not tested instead."""
+    rows = [
+        {"family": "rnn", "type": kind, "rate": rate, "seed": float(seed), **dict.fromkeys(MEASURES, value)}
+        for seed, (a, b) in enumerate([(0.38, 0.38), (0.381, 0.3805)])
+        for kind, rate, value in (("none", 0.0, a), ("standard", 0.5, b))
+    ]
+    assert spread_tests(by_config(rows)) == []
+    claim = spread_claim(spread_tests(by_config(rows)))
+    assert claim.answer == "not tested"
+    assert claim.evidence.startswith("no dropout config with at least 4 seeds was compared with none")
+    four = [{**row, "seed": row["seed"] + 2} for row in rows] + rows
+    assert len(spread_tests(by_config(four))) == 1

@@ -437,7 +437,7 @@ def test_join_adds_trials_under_the_same_parent_and_nothing_else(two_workers, gs
 def test_join_refuses_a_missing_study_or_parent(two_workers, gspc_windows, tmp_path):
     _, _, _, tune_cfg, cfg, _ = two_workers
     missing = dataclasses.replace(tune_cfg, study_name="nope", join=True)
-    with pytest.raises(InputError, match=r"^no study 'nope' in sqlite:///.*optuna\.db: start it first"):
+    with pytest.raises(InputError, match=r"^no study 'nope' in sqlite:///.*optuna\.db \(list its studies with `optuna"):
         open_study(missing, cfg)
     orphan = dataclasses.replace(tune_cfg, study_name="orphan", join=False)
     study = open_study(orphan, cfg)  # created, but no main process ever started its parent run
