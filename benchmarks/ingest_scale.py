@@ -1,19 +1,26 @@
 """Ingest and window many tickers: is memory O(rows × features), and is the time spent parsing?
 
-Writes `--tickers` synthetic daily OHLCV CSV files of `--years` years each (random walks on business
-days, each ticker listed a few days after the previous one so the pooled calendar is ragged), then
-times, per phase: reading the CSV files (`read_price_csv`), validating and cleaning them
-(`clean_prices_with_report`) and pooling them into windows (`make_windows`, one scaler per ticker,
-the same split dates for all). Memory: the bytes the windows hold (one feature-major float32 array plus
-the int64 sample starts) against the bytes of the same samples materialised as an (S, window, F) array.
+Writes `--tickers` synthetic daily OHLCV CSV files twice, `--short-years` and `--years` long (random
+walks on business days, ticker k listed k mod 50 days after the first, so the pooled calendar is ragged),
+then, alternating short and long file of each ticker so that both sizes see the same machine state,
+times each phase: reading (`read_price_csv`, the pandas parser), validating and cleaning
+(`clean_prices_with_report`; of that, parsing dates and numbers is timed on its own by profiling) and
+pooling into windows (`make_windows`, one scaler per ticker, the same split dates for all).
 
-Run: python benchmarks/ingest_scale.py [--tickers 500] [--years 20] [--write docs/benchmarks.md]
+From the two sizes, each phase's time is split into a fixed cost per series and a marginal cost per
+row: a Python loop over rows would show as a per-row cost of microseconds; vectorised pandas/numpy work
+costs nanoseconds per row. Memory: the bytes the windows hold (one feature-major float32 array plus
+the int64 sample starts) against the same samples materialised as an (S, window, F) float32 array.
+
+Run: python benchmarks/ingest_scale.py [--tickers 500] [--short-years 5] [--years 20] [--write docs/benchmarks.md]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import platform
+import pstats
 import resource
 import tempfile
 import time
@@ -25,99 +32,130 @@ import pandas as pd
 import torch
 
 from pipeline.clean import clean_prices_with_report, read_price_csv
-from pipeline.windows import WindowConfig, make_windows
+from pipeline.windows import WindowConfig, Windows, make_windows
 
 DAYS_PER_YEAR = 252
+PARSERS = ("_parse_dates", "_to_float")  # the functions of pipeline/clean.py that turn text into values
 
 
-def write_tickers(folder: Path, tickers: int, years: int) -> list[Path]:
-    """One CSV per ticker: Date, Open, High, Low, Close, Volume (one header line, ISO dates)."""
-    rng = np.random.default_rng(0)
-    rows = years * DAYS_PER_YEAR
-    paths = []
-    for k in range(tickers):
-        dates = pd.bdate_range("2000-01-03", periods=rows + k % 50)[k % 50 :]
-        close = 50 * np.exp(np.cumsum(rng.normal(0, 0.015, rows)))
-        spread = np.abs(rng.normal(0, 0.01, (rows, 3)))
-        frame = pd.DataFrame(
-            {
-                "Open": close * (1 + spread[:, 0] - spread[:, 1]),
-                "High": close * (1 + spread[:, 0] + spread[:, 2]),
-                "Low": close * (1 - spread[:, 1] - spread[:, 2]),
-                "Close": close,
-                "Volume": rng.integers(1e5, 1e7, rows),
-            },
-            index=pd.Index(dates.strftime("%Y-%m-%d"), name="Date"),
-        )
-        path = folder / f"T{k:04d}.csv"
-        frame.to_csv(path, float_format="%.6f")
-        paths.append(path)
-    return paths
+def write_ticker(path: Path, k: int, rows: int, rng: np.random.Generator) -> None:
+    """One CSV: Date, Open, High, Low, Close, Volume (one header line, ISO dates)."""
+    dates = pd.bdate_range("2000-01-03", periods=rows + k % 50)[k % 50 :]
+    close = 50 * np.exp(np.cumsum(rng.normal(0, 0.015, rows)))
+    spread = np.abs(rng.normal(0, 0.01, (rows, 3)))
+    frame = pd.DataFrame(
+        {
+            "Open": close * (1 + spread[:, 0] - spread[:, 1]),
+            "High": close * (1 + spread[:, 0] + spread[:, 2]),
+            "Low": close * (1 - spread[:, 1] - spread[:, 2]),
+            "Close": close,
+            "Volume": rng.integers(1e5, 1e7, rows),
+        },
+        index=pd.Index(dates.strftime("%Y-%m-%d"), name="Date"),
+    )
+    frame.to_csv(path, float_format="%.6f")
 
 
-def measure(paths: list[Path], window: int) -> dict[str, float]:
-    timings = {"read": 0.0, "clean": 0.0}
-    frames = {}
-    for path in paths:
-        start = time.perf_counter()
-        raw = read_price_csv(path)
-        middle = time.perf_counter()
-        frames[path.stem], _ = clean_prices_with_report(raw, str(path))
-        timings["read"] += middle - start
-        timings["clean"] += time.perf_counter() - middle
+def read_and_clean(path: Path, timings: dict[str, float]) -> pd.DataFrame:
+    start = time.perf_counter()
+    raw = read_price_csv(path)
+    middle = time.perf_counter()
+    clean, _ = clean_prices_with_report(raw, str(path))
+    timings["read"] += middle - start
+    timings["clean"] += time.perf_counter() - middle
+    return clean
+
+
+def pool(frames: dict[str, pd.DataFrame], window: int, timings: dict[str, float]) -> Windows:
     start = time.perf_counter()
     data = make_windows(frames, WindowConfig(window=window))
-    timings["windows"] = time.perf_counter() - start
+    timings["windows"] += time.perf_counter() - start
+    return data
+
+
+def parsing_share(paths: list[Path]) -> float:
+    """Share of `clean_prices_with_report`'s time spent in the date and number parsers (cProfile)."""
+    raws = [read_price_csv(p) for p in paths]
+    profile = cProfile.Profile()
+    profile.enable()
+    for path, raw in zip(paths, raws, strict=True):
+        clean_prices_with_report(raw, str(path))
+    profile.disable()
+    stats = pstats.Stats(profile).stats  # {(file, line, name): (calls, ncalls, tottime, cumtime, callers)}
+    cumulative = {name: row[3] for (file, _, name), row in stats.items() if file.endswith("clean.py")}
+    return sum(cumulative[name] for name in PARSERS) / cumulative["clean_prices_with_report"]
+
+
+def window_memory(data: Windows, window: int) -> tuple[float, float]:
+    """(MB the windows hold, MB of the same samples materialised as (S, window, F) float32)."""
+    assert data._view.untyped_storage().data_ptr() == data._by_feature.untyped_storage().data_ptr()
     samples = sum(len(s) for s in data.starts.values())
     held = data._by_feature.untyped_storage().nbytes() + sum(s.numel() * 8 for s in data.starts.values())
-    assert data._view.untyped_storage().data_ptr() == data._by_feature.untyped_storage().data_ptr()
-    return {
-        **timings,
-        "rows": data.features.shape[0],
-        "features": data.n_features,
-        "samples": samples,
-        "held_mb": held / 2**20,
-        "materialised_mb": samples * window * data.n_features * 4 / 2**20,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
+    return held / 2**20, samples * window * data.n_features * 4 / 2**20
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tickers", type=int, default=500)
+    parser.add_argument("--short-years", type=int, default=5)
     parser.add_argument("--years", type=int, default=20)
     parser.add_argument("--window", type=int, default=30)
     parser.add_argument("--write", type=Path, help="append the result as a markdown section to this file")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    sizes = {"short": args.short_years * DAYS_PER_YEAR, "long": args.years * DAYS_PER_YEAR}
+    timings = {size: {"read": 0.0, "clean": 0.0, "windows": 0.0} for size in sizes}
     with tempfile.TemporaryDirectory() as tmp:
-        paths = write_tickers(Path(tmp), args.tickers, args.years)
-        size_mb = sum(p.stat().st_size for p in paths) / 2**20
-        m = measure(paths, args.window)
-    total = m["read"] + m["clean"] + m["windows"]
+        rng = np.random.default_rng(0)
+        paths = {size: [Path(tmp) / f"{size}{k:04d}.csv" for k in range(args.tickers)] for size in sizes}
+        for size, rows in sizes.items():
+            for k, path in enumerate(paths[size]):
+                write_ticker(path, k, rows, rng)
+        csv_mb = sum(p.stat().st_size for p in paths["long"]) / 2**20
+        frames: dict[str, dict[str, pd.DataFrame]] = {size: {} for size in sizes}
+        for k in range(args.tickers):  # alternate the sizes: both see the same machine state
+            for size in sizes:
+                frames[size][f"T{k:04d}"] = read_and_clean(paths[size][k], timings[size])
+        data = {size: pool(frames[size], args.window, timings[size]) for size in sizes}
+        profiled = paths["long"][:50]
+        share = parsing_share(profiled)
+    rows = {size: data[size].features.shape[0] for size in sizes}
+    samples = sum(len(s) for s in data["long"].starts.values())
+    held_mb, materialised_mb = window_memory(data["long"], args.window)
+    long_total = sum(timings["long"].values())
+
+    def split(phase: str) -> tuple[float, float]:
+        """(fixed ms per series, marginal ns per row) of a phase, from the two sizes."""
+        per_row = (timings["long"][phase] - timings["short"][phase]) / (rows["long"] - rows["short"])
+        fixed = (timings["long"][phase] - per_row * rows["long"]) / args.tickers
+        return fixed * 1e3, per_row * 1e9
+
+    phases = [("read CSV (pandas parser)", "read"), ("validate and clean", "clean"), ("pool into windows", "windows")]
+    table = []
+    for name, key in phases:
+        fixed_ms, row_ns = split(key)
+        table.append(
+            f"| {name} | {timings['short'][key]:.2f} | {timings['long'][key]:.2f} | "
+            f"{timings['long'][key] / long_total:.0%} | {fixed_ms:.1f} | {row_ns:.0f} |"
+        )
     lines = [
-        f"### Ingest and window {args.tickers} tickers × {args.years} years ({date.today()})",
+        f"### Ingest and window {args.tickers} tickers × {args.short_years} and {args.years} years ({date.today()})",
         "",
-        f"`python benchmarks/ingest_scale.py --tickers {args.tickers} --years {args.years}`; "
-        f"{platform.machine()}, pandas {pd.__version__}, torch {torch.__version__}; "
-        f"{size_mb:.0f} MB of CSV, {m['rows']:,} feature rows × {m['features']} features, "
-        f"{m['samples']:,} samples of window {args.window}.",
+        f"`python benchmarks/ingest_scale.py --tickers {args.tickers} --short-years {args.short_years} "
+        f"--years {args.years}`; {platform.machine()}, pandas {pd.__version__}, torch {torch.__version__}; "
+        f"{csv_mb:.0f} MB of CSV in the long set, {rows['long']:,} feature rows × {data['long'].n_features} "
+        f"features, {samples:,} samples of window {args.window}.",
         "",
-        "| phase | seconds | share of the time |",
-        "|---|---|---|",
-        *(
-            f"| {name} | {m[key]:.2f} | {m[key] / total:.0%} |"
-            for name, key in [
-                ("read CSV (pandas parser)", "read"),
-                ("validate and clean", "clean"),
-                ("pool into windows", "windows"),
-            ]
-        ),
+        f"| phase | s, {args.short_years} y | s, {args.years} y | share, {args.years} y "
+        "| fixed ms per series | marginal ns per row |",
+        "|---|---|---|---|---|---|",
+        *table,
         "",
-        f"Windows hold {m['held_mb']:.1f} MB (features + sample starts); the same samples materialised as "
-        f"(S, window, F) float32 would be {m['materialised_mb']:.0f} MB: ratio "
-        f"{m['materialised_mb'] / m['held_mb']:.1f}. Pooling costs {m['windows'] / m['rows'] * 1e6:.2f} µs per row. "
-        f"Peak RSS of the process: {m['peak_rss_mb']:.0f} MB.",
+        f"Parsing dates and numbers is {share:.0%} of validate-and-clean (cProfile, {len(profiled)} long files); "
+        f"the rest is a fixed number of vectorised pandas calls per series. Windows hold {held_mb:.1f} MB (features + "
+        f"sample starts); the same samples materialised as (S, window, F) float32 would be "
+        f"{materialised_mb:.0f} MB: ratio {materialised_mb / held_mb:.1f}. "
+        f"Peak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB.",
         "",
     ]
     text = "\n".join(lines)
