@@ -267,7 +267,12 @@ def make_objective(cfg: RunConfig, tune_cfg: TuneConfig, data: Windows, parent_i
     The trial keeps its run's id, its process and its summary as user attributes (`mlflow_run_id`,
     `worker`, `metrics`), so the study alone rebuilds the trials table, whichever process ran the trial.
     """
-    experiment_id = MlflowClient().get_run(parent_id).info.experiment_id  # children next to their parent
+    parent = MlflowClient().get_run(parent_id)
+    experiment_id = parent.info.experiment_id  # children next to their parent
+    # The parent's provenance on every trial, so the UI's compare view of trials shows commit and versions.
+    provenance = {
+        k: v for k, v in parent.data.tags.items() if k in ("git_commit", "git_dirty") or k.startswith("version.")
+    }
 
     def objective(trial: optuna.Trial) -> float:
         model_cfg = sample_model(trial, cfg.model, tune_cfg.max_rate)
@@ -282,6 +287,7 @@ def make_objective(cfg: RunConfig, tune_cfg: TuneConfig, data: Windows, parent_i
         mlflow.log_params({**trial_cfg.flat(), "trial_number": trial.number})
         mlflow.set_tags(
             {
+                **provenance,
                 "optuna.study_name": trial.study.study_name,
                 "optuna.trial_number": str(trial.number),
                 "dropout_effective": str(dropout_effective(model_cfg)).lower(),

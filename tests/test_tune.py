@@ -295,6 +295,10 @@ def test_trial_runs_carry_the_objective_parts_and_readable_names(finished_study)
         assert metrics["instability_term"] == metrics["val_loss_std"]  # the default term, λ = 1
         assert metrics["objective"] == pytest.approx(metrics["val_loss_mean"] + 1.0 * metrics["instability_term"])
         assert trial.user_attrs["mlflow_run_id"] == child.info.run_id
+    provenance = {k: v for k, v in client.get_run(parent_id).data.tags.items() if k.startswith(("git_", "version."))}
+    assert len(provenance) == 2 + 7  # git_commit, git_dirty and 7 versions
+    for child in children:
+        assert {k: child.data.tags[k] for k in provenance} == provenance
 
 
 def test_parent_carries_the_trials_table_of_the_study(finished_study):
