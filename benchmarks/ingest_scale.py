@@ -73,17 +73,20 @@ def pool(frames: dict[str, pd.DataFrame], window: int, timings: dict[str, float]
     return data
 
 
-def parsing_share(paths: list[Path]) -> float:
-    """Share of `clean_prices_with_report`'s time spent in the date and number parsers (cProfile)."""
+def profile_cleaning(paths: list[Path]) -> tuple[float, float]:
+    """Profile `clean_prices_with_report` on `paths` (cProfile): (share of its time in the date and number
+    parsers, Python function calls per file). A loop over rows would make the calls grow with the rows."""
     raws = [read_price_csv(p) for p in paths]
     profile = cProfile.Profile()
     profile.enable()
     for path, raw in zip(paths, raws, strict=True):
         clean_prices_with_report(raw, str(path))
     profile.disable()
-    stats = pstats.Stats(profile).stats  # {(file, line, name): (calls, ncalls, tottime, cumtime, callers)}
-    cumulative = {name: row[3] for (file, _, name), row in stats.items() if file.endswith("clean.py")}
-    return sum(cumulative[name] for name in PARSERS) / cumulative["clean_prices_with_report"]
+    stats = pstats.Stats(profile)
+    rows = stats.stats  # {(file, line, name): (calls, ncalls, tottime, cumtime, callers)}
+    cumulative = {name: row[3] for (file, _, name), row in rows.items() if file.endswith("clean.py")}
+    share = sum(cumulative[name] for name in PARSERS) / cumulative["clean_prices_with_report"]
+    return share, stats.total_calls / len(paths)
 
 
 def window_memory(data: Windows, window: int) -> tuple[float, float]:
@@ -117,8 +120,9 @@ def main() -> None:
             for size in sizes:
                 frames[size][f"T{k:04d}"] = read_and_clean(paths[size][k], timings[size])
         data = {size: pool(frames[size], args.window, timings[size]) for size in sizes}
-        profiled = paths["long"][:50]
-        share = parsing_share(profiled)
+        profiled = {size: paths[size][:50] for size in sizes}
+        share, long_calls = profile_cleaning(profiled["long"])
+        short_calls = profile_cleaning(profiled["short"])[1]
     rows = {size: data[size].features.shape[0] for size in sizes}
     samples = sum(len(s) for s in data["long"].starts.values())
     held_mb, materialised_mb = window_memory(data["long"], args.window)
@@ -151,8 +155,9 @@ def main() -> None:
         "|---|---|---|---|---|---|",
         *table,
         "",
-        f"Parsing dates and numbers is {share:.0%} of validate-and-clean (cProfile, {len(profiled)} long files); "
-        f"the rest is a fixed number of vectorised pandas calls per series. Windows hold {held_mb:.1f} MB (features + "
+        f"Parsing dates and numbers is {share:.0%} of validate-and-clean (cProfile, {len(profiled['long'])} long "
+        f"files). Python function calls per series while validating and cleaning: {short_calls:,.0f} "
+        f"({args.short_years} y), {long_calls:,.0f} ({args.years} y). Windows hold {held_mb:.1f} MB (features + "
         f"sample starts); the same samples materialised as (S, window, F) float32 would be "
         f"{materialised_mb:.0f} MB: ratio {materialised_mb / held_mb:.1f}. "
         f"Peak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB.",
