@@ -124,10 +124,6 @@ class Windows:
     def target_dates(self, name: str) -> pd.DatetimeIndex:
         return self.dates[(self.starts[name] + self.window).numpy()]
 
-    def naive_target(self) -> float:
-        """The zero-return forecast of the first ticker in scaled units: (0 - mean) / std of its train returns."""
-        return float(-self.scaler.mean_[0] / self.scaler.scale_[0])
-
     def naive_loss(self, name: str) -> float:
         """MSE of the zero-return forecast on one split, in the same units as the models' losses."""
         rows = self.starts[name] + self.window

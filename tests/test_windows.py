@@ -290,18 +290,22 @@ def test_target_value_by_hand():
     assert w.target_dates("train")[0] == prices.index[6]
 
 
-def test_naive_target_is_scaled_zero_return():
+def test_naive_rows_are_the_scaled_zero_return():
     prices = ramp_prices(100)
     w = make_windows(prices, K10_CFG)
     train = [math.log((t + 1) / t) for t in range(1, 70)]
-    assert w.naive_target() == pytest.approx(-statistics.fmean(train) / statistics.pstdev(train), rel=1e-12)
-    assert w.naive_target() < 0  # prices only rise here
+    expected = -statistics.fmean(train) / statistics.pstdev(train)
+    assert w.naive_rows.shape == (99,)
+    assert w.naive_rows.tolist() == pytest.approx([expected] * 99, rel=1e-6)  # float32
+    assert expected < 0  # prices only rise here
+    val_rows = w.starts["val"] + w.window
+    assert w.naive_loss("val") == pytest.approx(float(((w.features[val_rows, 0] - expected) ** 2).mean()), rel=1e-5)
 
 
-def test_naive_target_on_gspc(gspc, gspc_windows):
+def test_naive_rows_on_gspc(gspc, gspc_windows):
     close = np.log(gspc["Close"].to_numpy())
     returns = np.diff(close)[:3521]
-    assert gspc_windows.naive_target() == pytest.approx(-returns.mean() / returns.std(ddof=0), rel=1e-9)
+    assert float(gspc_windows.naive_rows[0]) == pytest.approx(-returns.mean() / returns.std(ddof=0), rel=1e-6)
 
 
 # --- refused configurations -----------------------------------------------------------------------
