@@ -208,11 +208,14 @@ def assemble(
         short = next((name for name, (lo, hi) in rows.items() if hi - lo < window + 1), None)
         if short:
             where, (lo, hi) = "the series" if ticker == "series" else ticker, rows[short]
-            refusals.append(
-                f"{what}window {window} is too long for {where}: its {short} part has {hi - lo} rows "
-                f"({len(frame) + 1} days in all, {gap} left out before val and before test as embargo) "
-                f"and needs at least {window + 1}"
+            days = len(frame) + 1  # a feature row per day after the first
+            why = (
+                f"it has {days} days in all"
+                if window >= days
+                else f"its {short} part has {hi - lo} rows ({days} days in all, {gap} left out before val and "
+                f"before test as embargo) and needs at least {window + 1}"
             )
+            refusals.append(f"{what}window {window} is too long for {where}: {why}")
             if every_ticker:
                 break
             continue

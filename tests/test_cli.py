@@ -17,6 +17,7 @@ BAD_INPUT = [
     (["train", "--dropout-rate", "1.5", "--dropout-type", "standard"], "dropout rate must be in [0, 1), got 1.5"),
     (["train", "--dropout-rate", "-0.1"], "dropout rate must be in [0, 1), got -0.1"),
     (["tune", "--window", "5000"], "window 5000 is too long for the series: its train part has 3521 rows"),
+    (["tune", "--window", "100000"], "window 100000 is too long for the series: it has 5031 days in all"),
     (["tune", "--window", "abc"], "--window: window must be int, got 'abc'"),
     (["tune", "--csv", "/no/such/prices.csv"], "CSV file not found: /no/such/prices.csv"),
     (["tune", "--csv", "/tmp"], "/tmp is a folder, not a CSV file"),
