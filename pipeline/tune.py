@@ -116,15 +116,33 @@ def storage_url(tune_cfg: TuneConfig) -> str:
     return tune_cfg.storage or f"sqlite:///{Path.cwd() / 'optuna.db'}"
 
 
-def end_lost_trial_run(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """Storage callback for a trial failed for lack of heartbeats (its process died): end its run FAILED."""
+LOST = "its worker process stopped sending heartbeats (killed or lost)"
+
+
+def end_lost_trial_run(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str = LOST) -> None:
+    """End the run of a trial whose process died FAILED, saying why. Also the storage's callback for a
+    trial failed for lack of heartbeats."""
     run_id = trial.user_attrs.get("mlflow_run_id")
     if run_id:
         client = MlflowClient()
-        reason = "its worker process stopped sending heartbeats (killed or lost)"
         client.set_tag(run_id, "trial_state", "FAIL")
         client.set_tag(run_id, "fail_reason", reason)
         client.set_terminated(run_id, "FAILED")
+
+
+def fail_trials_of(study: optuna.Study, worker: str, reason: str) -> int:
+    """FAIL the RUNNING trials of a dead worker (`host:pid`, the trial's `worker` attribute) and end their
+    runs FAILED, at once rather than after the heartbeat's grace period. Returns how many."""
+    lost = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        if t.user_attrs.get("worker") == worker
+    ]
+    for trial in lost:
+        optuna.trial.Trial(study, trial._trial_id).set_user_attr("fail_reason", reason)
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        end_lost_trial_run(study, trial, reason)
+    return len(lost)
 
 
 def make_storage(url: str, heartbeat: int = HEARTBEAT_S) -> optuna.storages.RDBStorage:
@@ -368,6 +386,10 @@ def run_trials(tune_cfg: TuneConfig, cfg: RunConfig, data: Windows, study: optun
                 worker.terminate()
                 worker.join()
     failed = [f"{w.name}: exit code {w.exitcode}" for w in workers if w.exitcode]
+    for worker in workers:
+        if worker.exitcode:  # killed (e.g. out of memory) or crashed: its trial would stay RUNNING
+            why = f"its worker process ended with exit code {worker.exitcode} during the trial"
+            fail_trials_of(study, f"{socket.gethostname()}:{worker.pid}", why)
     if failed:
         raise NoResultError(f"{len(failed)} of {len(workers)} tune workers failed ({', '.join(failed)}); see above")
 
@@ -417,8 +439,10 @@ def tune(tune_cfg: TuneConfig, cfg: RunConfig, data: Windows, study: optuna.Stud
     # Before any trial: workers (here or joining from elsewhere) find the parent through the study.
     study.set_user_attr(PARENT_ATTR, parent.info.run_id)
     study.set_user_attr(TRACKING_ATTR, mlflow.get_tracking_uri())
-    run_trials(tune_cfg, cfg, data, study, parent.info.run_id)
-    log_trials(study)
+    try:
+        run_trials(tune_cfg, cfg, data, study, parent.info.run_id)
+    finally:  # the table of what ran, also when a worker failed or the study was interrupted
+        log_trials(study)
 
     completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not completed:

@@ -552,3 +552,49 @@ def test_warm_start_refuses_what_the_study_cannot_try(tmp_path, yaml_text, messa
     cfg = RunConfig().with_options({"model": "cnn" if "cnn" in yaml_text else "rnn"})
     with pytest.raises(InputError, match=message):
         warm_start_trials(TuneConfig(warm_start=str(path)), cfg)
+
+
+def test_a_killed_worker_fails_its_trial_and_run_at_once_and_the_table_is_still_written(tmp_path):
+    """kill -9 of one of two worker processes mid-trial: the main process fails that trial and ends its run
+    FAILED (no waiting for the heartbeat's grace period), writes the trials table and exits 1."""
+    import signal
+    import sys
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("MLFLOW_RUN_ID", None)
+    budget = ["--n-trials", "1", "--seeds", "1", "--max-epochs", "20", "--patience", "20", "--hidden-size", "128"]
+    command = [sys.executable, "-m", "pipeline", "tune", "--workers", "2", "--study-name", "killed"]
+    main = subprocess.Popen(
+        [*command, "--storage", storage, *budget], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    running: list = []
+    deadline = time.monotonic() + 120
+    while len(running) < 2 and time.monotonic() < deadline and main.poll() is None:
+        time.sleep(0.2)
+        try:
+            study = optuna.load_study(study_name="killed", storage=storage)
+        except KeyError:
+            continue
+        running = [t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)) if "worker" in t.user_attrs]
+    assert len(running) == 2, "both workers should be running a trial"
+    victim = running[0]
+    os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    err = main.communicate(timeout=300)[1]
+    assert main.returncode == 1, err.decode()[-2000:]
+    assert "error: 1 of 2 tune workers failed (tune-worker" in err.decode() and "exit code -9" in err.decode()
+    trials = {t.number: t for t in optuna.load_study(study_name="killed", storage=storage).trials}
+    reason = "its worker process ended with exit code -9 during the trial"
+    assert trials[victim.number].state == optuna.trial.TrialState.FAIL
+    assert trials[victim.number].user_attrs["fail_reason"] == reason
+    (survivor,) = [t for n, t in trials.items() if n != victim.number]
+    assert survivor.state == optuna.trial.TrialState.COMPLETE
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = all_runs(client)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    lost = client.get_run(victim.user_attrs["mlflow_run_id"])
+    assert lost.info.status == "FAILED" and lost.data.tags["fail_reason"] == reason
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FAILED"
+    rows = read_trials_csv(client, parent.info.run_id)
+    assert sorted((r["state"], r["fail_reason"]) for r in rows) == [("COMPLETE", ""), ("FAIL", reason)]
