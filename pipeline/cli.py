@@ -183,6 +183,13 @@ def split_options(options: dict[str, Any], kind: type) -> tuple[Any, RunConfig]:
     )
 
 
+def ui_command(uri: str) -> str:
+    """How to see the runs: a tracking server is opened in a browser; a local store through `mlflow ui`."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     """Validate a series and print its summary line. With --csv, also store it in the cache.
 
@@ -221,7 +228,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(
             f"joined study {tune_cfg.study_name!r}: ran {tune_cfg.workers} × {tune_cfg.n_trials} trial(s) under "
             f"parent run {parent_id}; the study's main process writes the table and retrains the best\n"
-            f"  compare trials: mlflow ui --backend-store-uri {uri}"
+            f"  compare trials: {ui_command(uri)}"
         )
         return 0
     with tracked_run(tune_cfg.study_name) as parent:
@@ -239,7 +246,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         f"  parent run {parent.info.run_id}; model {result.model_uri}\n"
         f"{registry_lines(final.registration, result.model_uri)}\n"
         f"  report: {report.resolve()} (also on the parent run)\n"
-        f"  compare trials: mlflow ui --backend-store-uri {uri}\n"
+        f"  compare trials: {ui_command(uri)}\n"
         f"  reuse: mlflow run . -e train -P config=runs:/{parent.info.run_id}/best_config.yaml --env-manager local"
     )
     return 0
@@ -297,7 +304,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"test MSE {result.test_loss:.4f} vs naive {result.naive_test_loss:.4f} "
         f"(skill {result.test_skill:+.2%})\n  run {run.info.run_id}; model {model_uri}\n"
         f"{registry_lines(result.registration, model_uri)}\n"
-        f"  open: mlflow ui --backend-store-uri {uri}"
+        f"  open: {ui_command(uri)}"
     )
     return 0
 
@@ -334,10 +341,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         log_data(series)
         run_sweep(sweep_cfg, cfg, data)
         report = build_report(parent.info.run_id, Path("reports") / name)[0]
-    print(
-        f"report: {report.resolve()}\n  parent run {parent.info.run_id}\n"
-        f"  compare configs: mlflow ui --backend-store-uri {uri}"
-    )
+    print(f"report: {report.resolve()}\n  parent run {parent.info.run_id}\n  compare configs: {ui_command(uri)}")
     return 0
 
 

@@ -174,6 +174,8 @@ def test_one_parent_with_nested_trials_over_http(main_job):
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_loss")]
         assert steps == [1]
     assert f"parent run {parent.info.run_id}" in result.stdout + result.stderr
+    url = main_job[0]
+    assert f"  compare trials: open {url} in a browser\n" in result.stdout  # not `mlflow ui` on an http URI
 
 
 def test_trials_table_and_best_config_download_over_http(main_job, tmp_path):
