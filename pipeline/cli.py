@@ -274,9 +274,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = base.with_options({**PRESETS.get(args.preset, {}), **given(args, fields)})
     data, series = prepare(cfg)
     if not coerce(args.force, False, "force", "--force"):
-        earlier = reusable_run({**cfg.flat(), "data_digest": data_digest(series)}, git_tags())
+        earlier, why_not = reusable_run({**cfg.flat(), "data_digest": data_digest(series)}, git_tags())
         if earlier is not None:
             return reuse(earlier)
+        if why_not:
+            print(f"note: {why_not} (--force true skips this check)", file=sys.stderr)
     tags = {
         "pipeline.kind": "train",
         "config_source": args.config or "options",

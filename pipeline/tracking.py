@@ -173,20 +173,26 @@ def data_digest(series: list[Series]) -> str:
     return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()[:8]
 
 
-def reusable_run(params: dict[str, Any], git: dict[str, str]) -> Run | None:
-    """A FINISHED `train` run with the same params (compared as strings) on the same commit of a clean
-    tree, as MLflow's multistep workflow example reuses a step; None if there is none or the tree is dirty
-    (then the code that would run is not the commit's)."""
+def reusable_run(params: dict[str, Any], git: dict[str, str]) -> tuple[Run | None, str]:
+    """A FINISHED `train` run with the same params (compared by what they mean) on the same commit of a clean
+    tree, as MLflow's multistep workflow example reuses a step.
+
+    Out: (that run, ""), or (None, why an earlier run of the same config and data is not reused: the tree is
+    dirty, so the code that would run is not the commit's, or it ran on another commit), or (None, "").
+    """
+    query = "tags.`pipeline.kind` = 'train' and attributes.status = 'FINISHED'"
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string=query, output_format="list")
+    same = [run for run in runs if all(same_param(run.data.params.get(k), v) for k, v in params.items())]
+    if not same:
+        return None, ""
     if git.get("git_dirty") != "false":
-        return None
-    query = (
-        f"tags.`pipeline.kind` = 'train' and tags.git_commit = '{git['git_commit']}' "
-        "and tags.git_dirty = 'false' and attributes.status = 'FINISHED'"
-    )
-    for run in mlflow.search_runs(search_all_experiments=True, filter_string=query, output_format="list"):
-        if all(same_param(run.data.params.get(key), value) for key, value in params.items()):
-            return run
-    return None
+        where = "this checkout has uncommitted changes" if git else "this code is not a git checkout"
+        return None, f"run {same[0].info.run_id} trained this config on this data, but {where}: training again"
+    for run in same:
+        if run.data.tags.get("git_commit") == git["git_commit"] and run.data.tags.get("git_dirty") == "false":
+            return run, ""
+    commit = same[0].data.tags.get("git_commit", "unknown")[:12]
+    return None, f"run {same[0].info.run_id} trained this config on this data at commit {commit}: training again"
 
 
 def same_param(logged: str | None, value: Any) -> bool:

@@ -104,7 +104,9 @@ def run_label(model: ModelConfig, trial: int | None = None) -> str:
 
 
 def default_study_name(cfg: RunConfig) -> str:
-    ticker = Path(cfg.ingest.csv).stem if cfg.ingest.csv else cfg.ingest.ticker.lstrip("^")
+    """'<model>-<data>-<time>', the data being the CSV's stem, the ticker, or the pooled tickers joined by +."""
+    tickers = cfg.ingest.tickers.replace(" ", "").strip(",").replace(",", "+") or cfg.ingest.ticker
+    ticker = Path(cfg.ingest.csv).stem if cfg.ingest.csv else tickers.replace("^", "")
     return f"{cfg.model.model}-{ticker}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
@@ -159,9 +161,11 @@ def make_storage(url: str, heartbeat: int = HEARTBEAT_S) -> optuna.storages.RDBS
 def load_study(tune_cfg: TuneConfig, create: bool = True) -> optuna.Study:
     """The study by name, with our sampler and pruner (every process builds its own: they are not stored).
 
-    `create`: make it if missing; otherwise a missing study is refused.
+    `create`: make it if missing; otherwise a missing study is refused (and no SQLite file is made).
     """
     storage = storage_url(tune_cfg)
+    if not create and storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
+        raise InputError(f"no study {tune_cfg.study_name!r}: there is no Optuna storage {storage}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # we print our own progress lines
     options = {
         "study_name": tune_cfg.study_name,
@@ -204,8 +208,6 @@ def study_config(study_name: str, storage: str = "") -> RunConfig:
     """The config of a stored study's best trial: the study's fixed options and the trial's dropout type and
     rate. InputError for a missing study, one not made by this pipeline, or one with no completed trial."""
     url = storage or storage_url(TuneConfig())
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        raise InputError(f"no study {study_name!r}: there is no Optuna storage {url}")  # and none is created
     study = load_study(TuneConfig(study_name=study_name, storage=url), create=False)
     fixed = study.user_attrs.get("fixed_options")
     completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))

@@ -231,6 +231,12 @@ def test_train_reuses_an_earlier_run_of_the_same_config_data_and_commit(tmp_path
     (reused,) = client.search_runs([run.info.experiment_id], "tags.`pipeline.kind` = 'train-reused'")
     assert reused.info.status == "FINISHED" and reused.data.tags["reused_run_id"] == earlier.info.run_id
     assert len(client.search_runs([run.info.experiment_id])) == 5  # 3 trained + 1 by mlflow run + 1 reused
+    # Uncommitted changes: the same config is trained again, and the user is told why it was not reused.
+    (copy / "notes.txt").write_text("scratch\n")
+    dirty = train()
+    assert dirty.returncode == 0 and "reusing" not in dirty.stdout, dirty.stderr[-2000:]
+    assert "this checkout has uncommitted changes: training again (--force true skips this check)" in dirty.stderr
+    assert len(client.search_runs([run.info.experiment_id])) == 6
 
 
 @pytest.mark.parametrize(

@@ -465,6 +465,11 @@ def test_join_refuses_a_missing_study_or_parent(two_workers, gspc_windows, tmp_p
         (["--workers", "0"], {}, "error: workers must be at least 1, got 0"),
         (["--join", "true"], {}, "error: --join needs the --study-name (and --storage) of the study to join"),
         (
+            ["--join", "true", "--study-name", "s", "--storage", "sqlite:///none.db"],
+            {},
+            "error: no study 's': there is no Optuna storage sqlite:///none.db",
+        ),
+        (
             ["--join", "true", "--study-name", "s"],
             {"MLFLOW_RUN_ID": "abc"},
             "error: --join adds trials to a study's parent run: use `python -m pipeline tune`, not `mlflow run`",
@@ -598,3 +603,16 @@ def test_a_killed_worker_fails_its_trial_and_run_at_once_and_the_table_is_still_
     assert parent.info.status == "FAILED"
     rows = read_trials_csv(client, parent.info.run_id)
     assert sorted((r["state"], r["fail_reason"]) for r in rows) == [("COMPLETE", ""), ("FAIL", reason)]
+
+
+def test_default_study_names_say_which_data():
+    from pipeline.tune import default_study_name
+
+    for options, data in [
+        ({}, "GSPC"),
+        ({"ticker": "MSFT"}, "MSFT"),
+        ({"tickers": "^GSPC, MSFT,"}, "GSPC+MSFT"),
+        ({"csv": "/data/my prices.csv"}, "my prices"),
+    ]:
+        name = default_study_name(RunConfig().with_options({"model": "lstm", **options}))
+        assert name.startswith(f"lstm-{data}-") and len(name) == len(f"lstm-{data}-") + 15, name
