@@ -392,3 +392,6 @@ def main(argv: list[str] | None = None) -> int:
     except NoResultError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # runs are ended KILLED and trials FAIL on the way out
+        print("interrupted", file=sys.stderr)
+        return 130

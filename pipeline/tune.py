@@ -119,6 +119,7 @@ def storage_url(tune_cfg: TuneConfig) -> str:
 
 
 LOST = "its worker process stopped sending heartbeats (killed or lost)"
+INTERRUPTED = "interrupted (Ctrl-C or SIGINT)"
 
 
 def end_lost_trial_run(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str = LOST) -> None:
@@ -166,7 +167,8 @@ def load_study(tune_cfg: TuneConfig, create: bool = True) -> optuna.Study:
     storage = storage_url(tune_cfg)
     if not create and storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
         raise InputError(f"no study {tune_cfg.study_name!r}: there is no Optuna storage {storage}")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # we print our own progress lines
+    # We print our own progress lines, with the reason of each failed trial; Optuna would add a traceback.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     options = {
         "study_name": tune_cfg.study_name,
         "sampler": optuna.samplers.TPESampler(n_startup_trials=4),
@@ -343,6 +345,11 @@ def make_objective(cfg: RunConfig, tune_cfg: TuneConfig, data: Windows, parent_i
             mlflow.set_tag("fail_reason", str(exc))
             trial.set_user_attr("fail_reason", str(exc))
             raise
+        except KeyboardInterrupt:  # Optuna sets the trial FAIL and re-raises; MLflow's word for this is KILLED
+            status, outcome = "KILLED", "interrupted"
+            mlflow.set_tag("fail_reason", INTERRUPTED)
+            trial.set_user_attr("fail_reason", INTERRUPTED)
+            raise
         finally:
             curves.flush()
             mlflow.set_tag("trial_state", state)
@@ -361,7 +368,11 @@ def _worker(tune_cfg: TuneConfig, cfg: RunConfig, data: Windows, parent_id: str,
     mlflow.set_tracking_uri(tracking_uri)
     study = load_study(tune_cfg, create=False)
     progress = Progress(tune_cfg.n_trials, worker=current_process().name.replace("tune-", ""))
-    study.optimize(make_objective(cfg, tune_cfg, data, parent_id, progress), tune_cfg.n_trials, catch=(DivergedError,))
+    objective = make_objective(cfg, tune_cfg, data, parent_id, progress)
+    try:
+        study.optimize(objective, tune_cfg.n_trials, catch=(DivergedError,))
+    except KeyboardInterrupt:  # its trial and run are ended; the main process says "interrupted" once
+        sys.exit(130)
 
 
 def run_trials(tune_cfg: TuneConfig, cfg: RunConfig, data: Windows, study: optuna.Study, parent_id: str) -> None:

@@ -616,3 +616,43 @@ def test_default_study_names_say_which_data():
     ]:
         name = default_study_name(RunConfig().with_options({"model": "lstm", **options}))
         assert name.startswith(f"lstm-{data}-") and len(name) == len(f"lstm-{data}-") + 15, name
+
+
+def test_ctrl_c_ends_the_trial_and_runs_and_says_interrupted_once(tmp_path):
+    """SIGINT mid-trial (what Ctrl-C sends): exit 130 with one line, no traceback; the trial FAIL with its
+    reason, its run and the parent KILLED, the trials table written."""
+    import signal
+    import sys
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("MLFLOW_RUN_ID", None)
+    command = [sys.executable, "-m", "pipeline", "tune", "--study-name", "stopped", "--storage", storage]
+    budget = ["--n-trials", "1", "--seeds", "1", "--max-epochs", "30", "--patience", "30", "--hidden-size", "128"]
+    main = subprocess.Popen([*command, *budget], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline, running = time.monotonic() + 120, []
+    while not running and time.monotonic() < deadline and main.poll() is None:
+        time.sleep(0.2)
+        try:
+            study = optuna.load_study(study_name="stopped", storage=storage)
+        except KeyError:
+            continue
+        running = [t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)) if "worker" in t.user_attrs]
+    assert running, "the trial should be running"
+    time.sleep(1.0)  # inside an epoch
+    main.send_signal(signal.SIGINT)
+    err = main.communicate(timeout=120)[1].decode()
+    assert main.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted"
+    (trial,) = optuna.load_study(study_name="stopped", storage=storage).trials
+    assert trial.state == optuna.trial.TrialState.FAIL
+    assert trial.user_attrs["fail_reason"] == "interrupted (Ctrl-C or SIGINT)"
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = {r.info.run_id: r for r in all_runs(client)}
+    child = runs[trial.user_attrs["mlflow_run_id"]]
+    assert child.info.status == "KILLED" and child.data.tags["fail_reason"] == "interrupted (Ctrl-C or SIGINT)"
+    (parent,) = [r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "KILLED"
+    assert [(r["state"], r["fail_reason"]) for r in read_trials_csv(client, parent.info.run_id)] == [
+        ("FAIL", "interrupted (Ctrl-C or SIGINT)")
+    ]
