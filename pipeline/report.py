@@ -265,11 +265,23 @@ FEW_TRIALS = 20  # below this many completed trials the study page warns that im
 
 def final_section(run, trials: list) -> str:
     """What the study produced: the best trial's config retrained with all seeds, tested once against the
-    naive forecast, and where its forecaster was registered. Empty when nothing was retrained."""
+    naive forecast, and where its forecaster was registered; or why there is none. `trials`: the completed
+    trial runs, best objective first."""
     metrics, tags = run.data.metrics, run.data.tags
     if "test_loss" not in metrics or "best_trial_number" not in metrics:
-        return ""
+        return (
+            "<h2>Final model</h2>"
+            f"<p>None: the study's run ended {html.escape(run.info.status)} before the best trial was retrained "
+            "and tested. Run the study again with the same <code>--study-name</code> to resume it.</p>"
+        )
     number = str(int(metrics["best_trial_number"]))
+    later = ""
+    if trials and trials[0].data.params.get("trial_number") != number:
+        later = (
+            f"<p>Trial {html.escape(trials[0].data.params.get('trial_number', '?'))} scores better than trial "
+            f"{number} but finished after the retrain (a worker that joined later): run the study again with the "
+            "same <code>--study-name</code> to retrain its best.</p>"
+        )
     best = next((c for c in trials if c.data.params.get("trial_number") == number), None)
     config = (
         f"{best.data.params.get('dropout_type')}, rate {float(best.data.params.get('dropout_rate', 0)):.3f}"
@@ -285,7 +297,7 @@ def final_section(run, trials: list) -> str:
         f"here: MSE {metrics['test_loss']:.4f} against {metrics['naive_test_loss']:.4f} for the naive "
         f"zero-return forecast (skill {skill:+.2%}): it {verdict} the naive forecast.</p>"
         f"<p>Forecaster: {html.escape(tags.get('registered_model', 'not registered'))}; "
-        f"{html.escape(tags.get('champion_decision', ''))}.</p>"
+        f"{html.escape(tags.get('champion_decision', ''))}.</p>{later}"
     )
 
 

@@ -307,3 +307,39 @@ def test_spread_is_not_tested_with_fewer_than_four_seeds():
     assert claim.evidence.startswith("no dropout config with at least 4 seeds was compared with none")
     four = [{**row, "seed": row["seed"] + 2} for row in rows] + rows
     assert len(spread_tests(by_config(four))) == 1
+
+
+def _run(metrics: dict, tags: dict, status: str = "FINISHED", params: dict | None = None):
+    from types import SimpleNamespace
+
+    data = SimpleNamespace(metrics=metrics, tags=tags, params=params or {})
+    return SimpleNamespace(data=data, info=SimpleNamespace(status=status))
+
+
+def test_final_section_reports_the_retrained_best_trial_and_the_registry_decision():
+    from pipeline.report import final_section
+
+    parent = _run(
+        {"test_loss": 0.52, "naive_test_loss": 0.5, "test_skill": -0.04, "best_trial_number": 3.0, "objective": 0.61,
+         "val_loss_mean": 0.6},
+        {"registered_model": "models:/dropout-rnn/2", "champion_decision": "champion stays version 1"},
+    )  # fmt: skip
+    trials = [_run({}, {}, params={"trial_number": "3", "dropout_type": "zoneout", "dropout_rate": "0.25"})]
+    page = final_section(parent, trials)
+    assert "<p>Best trial 3 (zoneout, rate 0.250) retrained with all seeds: objective 0.6100 (val mean 0.6000)." in page
+    assert "MSE 0.5200 against 0.5000 for the naive zero-return forecast (skill -4.00%): it does <b>not</b>" in page
+    assert "<p>Forecaster: models:/dropout-rnn/2; champion stays version 1.</p>" in page
+    assert "scores better" not in page
+    # A trial that a late joiner finished after the retrain, with a better objective, is pointed out.
+    later = [_run({}, {}, params={"trial_number": "7"}), *trials]
+    assert "<p>Trial 7 scores better than trial 3 but finished after the retrain" in final_section(parent, later)
+
+
+def test_final_section_says_why_there_is_no_final_model():
+    from pipeline.report import final_section
+
+    page = final_section(_run({"best_trial_objective": 0.6}, {}, status="FAILED"), [])
+    assert page == (
+        "<h2>Final model</h2><p>None: the study's run ended FAILED before the best trial was retrained and tested. "
+        "Run the study again with the same <code>--study-name</code> to resume it.</p>"
+    )
