@@ -159,10 +159,11 @@ def make_storage(url: str, heartbeat: int = HEARTBEAT_S) -> optuna.storages.RDBS
         )
 
 
-def load_study(tune_cfg: TuneConfig, create: bool = True) -> optuna.Study:
+def load_study(tune_cfg: TuneConfig, create: bool = True, seed: int | None = None) -> optuna.Study:
     """The study by name, with our sampler and pruner (every process builds its own: they are not stored).
 
     `create`: make it if missing; otherwise a missing study is refused (and no SQLite file is made).
+    `seed`: the sampler's, so that the same study run again proposes the same trials (None: unseeded).
     """
     storage = storage_url(tune_cfg)
     if not create and storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
@@ -171,7 +172,7 @@ def load_study(tune_cfg: TuneConfig, create: bool = True) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     options = {
         "study_name": tune_cfg.study_name,
-        "sampler": optuna.samplers.TPESampler(n_startup_trials=4),
+        "sampler": optuna.samplers.TPESampler(n_startup_trials=4, seed=seed),
         "pruner": optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
     }
     try:
@@ -191,8 +192,9 @@ def load_study(tune_cfg: TuneConfig, create: bool = True) -> optuna.Study:
 
 def open_study(tune_cfg: TuneConfig, cfg: RunConfig) -> optuna.Study:
     """Create the study, or load it by name (only load it to join); refuse a study run with other fixed
-    options."""
-    study = load_study(tune_cfg, create=not tune_cfg.join)
+    options. The sampler is seeded with the train seed: a study (one process) is reproducible; a joining
+    worker, on another machine, is not seeded."""
+    study = load_study(tune_cfg, create=not tune_cfg.join, seed=None if tune_cfg.join else cfg.train.seed)
     fixed = {k: str(v) for k, v in fixed_options(cfg).items()}
     stored = study.user_attrs.get("fixed_options")
     if stored is None:
@@ -359,14 +361,15 @@ def make_objective(cfg: RunConfig, tune_cfg: TuneConfig, data: Windows, parent_i
     return objective
 
 
-def _worker(tune_cfg: TuneConfig, cfg: RunConfig, data: Windows, parent_id: str, tracking_uri: str) -> None:
-    """One worker process: `n_trials` trials of the shared study, each a run nested under the parent."""
+def _worker(tune_cfg: TuneConfig, cfg: RunConfig, data: Windows, parent_id: str, tracking_uri: str, seed: int) -> None:
+    """One worker process: `n_trials` trials of the shared study, each a run nested under the parent; its
+    sampler seeded with `seed` (one per worker, or they would all propose the same first trials)."""
     import torch
 
     torch.set_num_threads(cfg.train.threads)
     os.environ.pop("MLFLOW_RUN_ID", None)  # never resume the parent here: every trial is a new child run
     mlflow.set_tracking_uri(tracking_uri)
-    study = load_study(tune_cfg, create=False)
+    study = load_study(tune_cfg, create=False, seed=seed)
     progress = Progress(tune_cfg.n_trials, worker=current_process().name.replace("tune-", ""))
     objective = make_objective(cfg, tune_cfg, data, parent_id, progress)
     try:
@@ -384,7 +387,7 @@ def run_trials(tune_cfg: TuneConfig, cfg: RunConfig, data: Windows, study: optun
     shared = dataclasses.replace(tune_cfg, storage=storage_url(tune_cfg))  # the same file whatever the cwd
     job = (shared, cfg, data, parent_id, mlflow.get_tracking_uri())
     workers = [
-        get_context("spawn").Process(target=_worker, args=job, name=f"tune-worker {i + 1}")
+        get_context("spawn").Process(target=_worker, args=(*job, cfg.train.seed + i + 1), name=f"tune-worker {i + 1}")
         for i in range(tune_cfg.workers)
     ]
     for worker in workers:

@@ -656,3 +656,22 @@ def test_ctrl_c_ends_the_trial_and_runs_and_says_interrupted_once(tmp_path):
     assert [(r["state"], r["fail_reason"]) for r in read_trials_csv(client, parent.info.run_id)] == [
         ("FAIL", "interrupted (Ctrl-C or SIGINT)")
     ]
+
+
+def test_a_study_run_again_proposes_and_scores_the_same_trials(tracking_uri, gspc_windows, tmp_path):
+    """The sampler is seeded with the train seed: the same study run twice gives the same trials, values
+    included (training is seeded too); another seed proposes others."""
+    from pipeline.tune import run_trials
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    results = {}
+    for name, seed in (("again-1", 0), ("again-2", 0), ("other-seed", 1)):
+        cfg = RunConfig().with_options({**FIXED, "seeds": 1, "max_epochs": 1, "seed": seed})
+        tune_cfg = TuneConfig(n_trials=6, study_name=name, storage=storage)
+        study = open_study(tune_cfg, cfg)
+        with tracked_run(name) as parent:
+            run_trials(tune_cfg, cfg, gspc_windows, study, parent.info.run_id)
+        results[name] = [(t.params, t.value) for t in study.trials]
+    assert results["again-1"] == results["again-2"]
+    assert len({params["dropout_type"] for params, _ in results["again-1"]}) > 1  # not one proposal repeated
+    assert [p for p, _ in results["other-seed"]] != [p for p, _ in results["again-1"]]
