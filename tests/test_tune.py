@@ -6,8 +6,10 @@ import dataclasses
 import io
 import os
 import platform
+import signal
 import socket
 import subprocess
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -559,30 +561,32 @@ def test_warm_start_refuses_what_the_study_cannot_try(tmp_path, yaml_text, messa
         warm_start_trials(TuneConfig(warm_start=str(path)), cfg)
 
 
-def test_a_killed_worker_fails_its_trial_and_run_at_once_and_the_table_is_still_written(tmp_path):
-    """kill -9 of one of two worker processes mid-trial: the main process fails that trial and ends its run
-    FAILED (no waiting for the heartbeat's grace period), writes the trials table and exits 1."""
-    import signal
-    import sys
-
+def tune_until_running(tmp_path: Path, name: str, options: list[str], trials: int):
+    """Start `python -m pipeline tune` (study `name`, a slow model, stores in tmp_path) and wait until
+    `trials` of its trials are RUNNING with their worker recorded. Returns (storage, env, process, trials)."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     env.pop("MLFLOW_RUN_ID", None)
-    budget = ["--n-trials", "1", "--seeds", "1", "--max-epochs", "20", "--patience", "20", "--hidden-size", "128"]
-    command = [sys.executable, "-m", "pipeline", "tune", "--workers", "2", "--study-name", "killed"]
-    main = subprocess.Popen(
-        [*command, "--storage", storage, *budget], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    slow = ["--n-trials", "1", "--seeds", "1", "--patience", "30", "--hidden-size", "128", *options]
+    command = [sys.executable, "-m", "pipeline", "tune", "--study-name", name, "--storage", storage, *slow]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     running: list = []
     deadline = time.monotonic() + 120
-    while len(running) < 2 and time.monotonic() < deadline and main.poll() is None:
+    while len(running) < trials and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.2)
         try:
-            study = optuna.load_study(study_name="killed", storage=storage)
-        except KeyError:
+            study = optuna.load_study(study_name=name, storage=storage)
+        except KeyError:  # not created yet
             continue
         running = [t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)) if "worker" in t.user_attrs]
-    assert len(running) == 2, "both workers should be running a trial"
+    assert len(running) == trials, f"{trials} trial(s) should be running"
+    return storage, env, process, running
+
+
+def test_a_killed_worker_fails_its_trial_and_run_at_once_and_the_table_is_still_written(tmp_path):
+    """kill -9 of one of two worker processes mid-trial: the main process fails that trial and ends its run
+    FAILED (no waiting for the heartbeat's grace period), writes the trials table and exits 1."""
+    storage, env, main, running = tune_until_running(tmp_path, "killed", ["--workers", "2", "--max-epochs", "20"], 2)
     victim = running[0]
     os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
     err = main.communicate(timeout=300)[1]
@@ -621,24 +625,7 @@ def test_default_study_names_say_which_data():
 def test_ctrl_c_ends_the_trial_and_runs_and_says_interrupted_once(tmp_path):
     """SIGINT mid-trial (what Ctrl-C sends): exit 130 with one line, no traceback; the trial FAIL with its
     reason, its run and the parent KILLED, the trials table written."""
-    import signal
-    import sys
-
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    env.pop("MLFLOW_RUN_ID", None)
-    command = [sys.executable, "-m", "pipeline", "tune", "--study-name", "stopped", "--storage", storage]
-    budget = ["--n-trials", "1", "--seeds", "1", "--max-epochs", "30", "--patience", "30", "--hidden-size", "128"]
-    main = subprocess.Popen([*command, *budget], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline, running = time.monotonic() + 120, []
-    while not running and time.monotonic() < deadline and main.poll() is None:
-        time.sleep(0.2)
-        try:
-            study = optuna.load_study(study_name="stopped", storage=storage)
-        except KeyError:
-            continue
-        running = [t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)) if "worker" in t.user_attrs]
-    assert running, "the trial should be running"
+    storage, env, main, _ = tune_until_running(tmp_path, "stopped", ["--max-epochs", "30"], 1)
     time.sleep(1.0)  # inside an epoch
     main.send_signal(signal.SIGINT)
     err = main.communicate(timeout=120)[1].decode()
