@@ -104,11 +104,15 @@ def _refresh(
 
 
 def _fetch(ticker: str, start: str | None = None) -> pd.DataFrame:
-    """One ticker's raw answer with flat columns (from `start`, YYYY-MM-DD, else all history); else NoAnswer."""
+    """One ticker's raw answer with flat columns (from `start`, YYYY-MM-DD, else all history); else NoAnswer.
+
+    Old yfinance versions answer with raw prices beside `Adj Close` where auto_adjust is not honoured:
+    those are adjusted as auto_adjust would, so every version gives the same frame."""
     raw, reason = download(ticker, start)
     if raw is None:
         raise NoAnswer(reason)
-    return flatten_download(raw, ticker)
+    flat = flatten_download(raw, ticker)
+    return adjust(flat) if "Adj Close" in flat.columns else flat
 
 
 def download(ticker: str, start: str | None = None) -> tuple[pd.DataFrame | None, str]:
@@ -149,11 +153,8 @@ def _download_once(ticker: str, start: str | None) -> tuple[pd.DataFrame | None,
 
 
 def flatten_download(raw: pd.DataFrame, ticker: str) -> pd.DataFrame:
-    """Flatten yfinance's (Price, Ticker) MultiIndex columns; refuse a frame with several tickers.
-
-    Old yfinance versions answer with flat columns and, where auto_adjust is not honoured, raw prices
-    beside `Adj Close`: those are adjusted here as auto_adjust would, so every version gives the same frame.
-    """
+    """Flatten yfinance's (Price, Ticker) MultiIndex columns (a copy, flat frames too); refuse a frame with
+    several tickers."""
     if isinstance(raw.columns, pd.MultiIndex):
         level = raw.columns.names.index("Ticker") if "Ticker" in raw.columns.names else 1
         tickers = sorted(map(str, raw.columns.get_level_values(level).unique()))
@@ -162,7 +163,7 @@ def flatten_download(raw: pd.DataFrame, ticker: str) -> pd.DataFrame:
         raw = raw.droplevel(level, axis=1)
     raw = raw.copy()
     raw.columns.name = None
-    return adjust(raw) if "Adj Close" in raw.columns else raw
+    return raw
 
 
 # --- cache files: the series, then its metadata ------------------------------------------------

@@ -72,9 +72,14 @@ class Series:
     report: QualityReport
 
 
+def ticker_names(cfg: IngestConfig) -> list[str]:
+    """The pooled tickers of `cfg.tickers` ("^GSPC, MSFT," -> ["^GSPC", "MSFT"]); [] for one series."""
+    return [name.strip() for name in cfg.tickers.split(",") if name.strip()]
+
+
 def load_series(cfg: IngestConfig, data_dir: Path | None = None) -> list[Series]:
     """The series to train on: the CSV file or the ticker, or each of `cfg.tickers` (pooled by `windows`)."""
-    names = [name.strip() for name in cfg.tickers.split(",") if name.strip()]
+    names = ticker_names(cfg)
     if not names:
         frame, report = load_prices_with_report(cfg, data_dir)
         return [Series(report.source, frame, report)]

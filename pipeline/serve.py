@@ -122,7 +122,7 @@ def canonical_input(frame: pd.DataFrame) -> pd.DataFrame:
     """Rename date and price columns to their canonical spelling and drop the rest; a date column
     (any spelling), else a date index, becomes the `Date` index; a yfinance download's (Price, Ticker)
     columns are flattened. Values are left as they are."""
-    frame = flatten_download(frame, SOURCE) if isinstance(frame.columns, pd.MultiIndex) else frame.copy()
+    frame = flatten_download(frame, SOURCE)
     dates = [c for c in frame.columns if column_key(c) == "date"]
     if dates:
         frame = frame.set_index(dates[0])

@@ -85,6 +85,11 @@ def provenance_tags() -> dict[str, str]:
     return {**git_tags(), **version_tags()}
 
 
+def provenance_of(tags: dict[str, str]) -> dict[str, str]:
+    """The provenance tags (`provenance_tags`'s keys) among a run's tags."""
+    return {k: v for k, v in tags.items() if k in ("git_commit", "git_dirty") or k.startswith("version.")}
+
+
 @contextmanager
 def tracked_run(name: str, tags: dict[str, str] | None = None) -> Iterator[Run]:
     """Start (or, under `mlflow run`, resume) a top-level run tagged with its provenance; end it FINISHED,

@@ -45,9 +45,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from pipeline.config import RunConfig, coerce
 from pipeline.errors import InputError, NoResultError
 from pipeline.final import FinalResult, fit_and_log
+from pipeline.ingest import ticker_names
 from pipeline.models import ModelConfig, applicable_types, dropout_effective
 from pipeline.stability import summarize
-from pipeline.tracking import EpochLogger, log_params_once, read_config
+from pipeline.tracking import EpochLogger, log_params_once, provenance_of, read_config
 from pipeline.train import DivergedError, EpochStats, epoch_metrics, train_validation
 from pipeline.trials import log_trials
 from pipeline.windows import Windows
@@ -105,7 +106,7 @@ def run_label(model: ModelConfig, trial: int | None = None) -> str:
 
 def default_study_name(cfg: RunConfig) -> str:
     """'<model>-<data>-<time>', the data being the CSV's stem, the ticker, or the pooled tickers joined by +."""
-    tickers = cfg.ingest.tickers.replace(" ", "").strip(",").replace(",", "+") or cfg.ingest.ticker
+    tickers = "+".join(ticker_names(cfg.ingest)) or cfg.ingest.ticker
     ticker = Path(cfg.ingest.csv).stem if cfg.ingest.csv else tickers.replace("^", "")
     return f"{cfg.model.model}-{ticker}-{datetime.now():%Y%m%d-%H%M%S}"
 
@@ -133,9 +134,9 @@ def end_lost_trial_run(study: optuna.Study, trial: optuna.trial.FrozenTrial, rea
         client.set_terminated(run_id, "FAILED")
 
 
-def fail_trials_of(study: optuna.Study, worker: str, reason: str) -> int:
+def fail_trials_of(study: optuna.Study, worker: str, reason: str) -> None:
     """FAIL the RUNNING trials of a dead worker (`host:pid`, the trial's `worker` attribute) and end their
-    runs FAILED, at once rather than after the heartbeat's grace period. Returns how many."""
+    runs FAILED, at once rather than after the heartbeat's grace period."""
     lost = [
         t
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
@@ -145,7 +146,6 @@ def fail_trials_of(study: optuna.Study, worker: str, reason: str) -> int:
         optuna.trial.Trial(study, trial._trial_id).set_user_attr("fail_reason", reason)
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
         end_lost_trial_run(study, trial, reason)
-    return len(lost)
 
 
 def make_storage(url: str, heartbeat: int = HEARTBEAT_S) -> optuna.storages.RDBStorage:
@@ -293,10 +293,7 @@ def make_objective(cfg: RunConfig, tune_cfg: TuneConfig, data: Windows, parent_i
     """
     parent = MlflowClient().get_run(parent_id)
     experiment_id = parent.info.experiment_id  # children next to their parent
-    # The parent's provenance on every trial, so the UI's compare view of trials shows commit and versions.
-    provenance = {
-        k: v for k, v in parent.data.tags.items() if k in ("git_commit", "git_dirty") or k.startswith("version.")
-    }
+    provenance = provenance_of(parent.data.tags)  # on every trial: the compare view of trials shows it
 
     def objective(trial: optuna.Trial) -> float:
         model_cfg = sample_model(trial, cfg.model, tune_cfg.max_rate)
@@ -401,13 +398,13 @@ def run_trials(tune_cfg: TuneConfig, cfg: RunConfig, data: Windows, study: optun
             if worker.is_alive():
                 worker.terminate()
                 worker.join()
-    failed = [f"{w.name}: exit code {w.exitcode}" for w in workers if w.exitcode]
-    for worker in workers:
-        if worker.exitcode:  # killed (e.g. out of memory) or crashed: its trial would stay RUNNING
-            why = f"its worker process ended with exit code {worker.exitcode} during the trial"
-            fail_trials_of(study, f"{socket.gethostname()}:{worker.pid}", why)
+    failed = [worker for worker in workers if worker.exitcode]
+    for worker in failed:  # killed (e.g. out of memory) or crashed: its trial would stay RUNNING
+        why = f"its worker process ended with exit code {worker.exitcode} during the trial"
+        fail_trials_of(study, f"{socket.gethostname()}:{worker.pid}", why)
     if failed:
-        raise NoResultError(f"{len(failed)} of {len(workers)} tune workers failed ({', '.join(failed)}); see above")
+        exits = ", ".join(f"{worker.name}: exit code {worker.exitcode}" for worker in failed)
+        raise NoResultError(f"{len(failed)} of {len(workers)} tune workers failed ({exits}); see above")
 
 
 def join(tune_cfg: TuneConfig, cfg: RunConfig, data: Windows, study: optuna.Study) -> str:
